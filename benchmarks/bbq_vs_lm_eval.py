@@ -7,7 +7,8 @@ local jsonl through a custom task YAML (``include_path``; the hub is unreachable
 model from the same directory with its HFLM (``pretrained=``). Both run in this one process,
 with the same thread count, and both are timed (wall clock and process CPU time, which a shared
 machine's load disturbs far less) on scoring only (model loading excluded), after
-each has scored ``--warmup`` items once.
+each has scored ``--warmup`` items once. ``--rounds`` repeats both timings, alternating which
+scorer goes first, so a change in the machine's load hits both; the medians are reported.
 
     .venv-bench/bin/python benchmarks/bbq_vs_lm_eval.py             # 11 categories x 19 = 209 items
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +58,10 @@ def write_task(items, d: Path) -> Path:
     return data
 
 
-def run_lm_eval(source: str, d: Path, batch_size: int, n: int, warmup: int):
-    """lm-eval's own pipeline: HFLM + TaskManager(include_path) + simple_evaluate with logged samples."""
+def lm_eval_runner(source: str, d: Path, batch_size: int, n: int, warmup: int):
+    """lm-eval's own pipeline: HFLM + TaskManager(include_path) + simple_evaluate with logged samples.
+    Returns (load seconds, a function that scores all items once and returns
+    (scores [n, 3], wall s, CPU s, lm-eval's results dict))."""
     import numpy as np
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -72,15 +76,17 @@ def run_lm_eval(source: str, d: Path, batch_size: int, n: int, warmup: int):
         bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, **kw)
     if warmup:
         run(limit=warmup)
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = run()
-    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    samples = res["samples"]["excise_bbq_loglik"]
-    scores = np.full((n, 3), np.nan)
-    for s in samples:
-        i = int(s["doc"]["idx"])
-        scores[i] = [float(r[0]) for r in s["filtered_resps"]]  # (loglik, is_greedy) per option
-    return scores, secs, cpu, load_s, res["results"]["excise_bbq_loglik"]
+
+    def timed():
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = run()
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+        scores = np.full((n, 3), np.nan)
+        for s in res["samples"]["excise_bbq_loglik"]:
+            scores[int(s["doc"]["idx"])] = [float(r[0]) for r in s["filtered_resps"]]  # (loglik, is_greedy)
+        return scores, secs, cpu, res["results"]["excise_bbq_loglik"]
+
+    return load_s, timed
 
 
 def main(argv=None) -> int:
@@ -90,12 +96,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=8, help="items each scorer runs once before it is timed")
+    ap.add_argument("--rounds", type=int, default=2, help="timed runs of each scorer, alternating which goes first")
     args = ap.parse_args(argv)
 
     import numpy as np
     import torch
 
-    from excise.measure.bbq import predict
+    from excise.measure.bbq import _packed_ok, predict
     from excise.measure.stats import wilson
     from excise.models import load
     from excise.run import seed_everything
@@ -110,19 +117,35 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     h = load("smollm2-135m-instruct")
     ex_load = time.perf_counter() - t0
+    path = "packed" if _packed_ok(h.model) else "kv-cache"
     if args.warmup:
         predict(h, items[: args.warmup], "loglik", batch_size=args.batch_size)
-    t0, c0 = time.perf_counter(), time.process_time()
-    rows = predict(h, items, "loglik", batch_size=args.batch_size)
-    ex_s, ex_cpu = time.perf_counter() - t0, time.process_time() - c0
-    ex_scores = np.array([r["scores"] for r in rows])
-    ex_pred = np.array([r["pred"] for r in rows])
-    print(f"excise: {ex_s:.1f} s", flush=True)
 
+    def excise_timed():
+        t0, c0 = time.perf_counter(), time.process_time()
+        rows = predict(h, items, "loglik", batch_size=args.batch_size)
+        return rows, time.perf_counter() - t0, time.process_time() - c0
+
+    loads = [_common.machine()["loadavg_1_5_15"]]
     with tempfile.TemporaryDirectory() as d:
         write_task(items, Path(d))
-        le_scores, le_s, le_cpu, le_load, le_res = run_lm_eval(h.source, Path(d), args.batch_size, n, args.warmup)
-    print(f"lm-eval: {le_s:.1f} s", flush=True)
+        le_load, le_timed = lm_eval_runner(h.source, Path(d), args.batch_size, n, args.warmup)
+        ex_runs, le_runs = [], []
+        for r in range(args.rounds):
+            for who in (("excise", "lm-eval") if r % 2 == 0 else ("lm-eval", "excise")):
+                if who == "excise":
+                    ex_runs.append(excise_timed())
+                    print(f"round {r}: excise {ex_runs[-1][1]:.1f} s wall, {ex_runs[-1][2]:.1f} s CPU", flush=True)
+                else:
+                    le_runs.append(le_timed())
+                    print(f"round {r}: lm-eval {le_runs[-1][1]:.1f} s wall, {le_runs[-1][2]:.1f} s CPU", flush=True)
+            loads.append(_common.machine()["loadavg_1_5_15"])
+    rows = ex_runs[0][0]
+    ex_s, ex_cpu = statistics.median(x[1] for x in ex_runs), statistics.median(x[2] for x in ex_runs)
+    le_scores, le_res = le_runs[0][0], le_runs[0][3]
+    le_s, le_cpu = statistics.median(x[1] for x in le_runs), statistics.median(x[2] for x in le_runs)
+    ex_scores = np.array([r["scores"] for r in rows])
+    ex_pred = np.array([r["pred"] for r in rows])
     if np.isnan(le_scores).any():
         raise SystemExit("lm-eval returned no scores for some items")
     le_pred = le_scores.argmax(1)
@@ -135,7 +158,7 @@ def main(argv=None) -> int:
     speed, speed_cpu = le_s / ex_s, le_cpu / ex_cpu
     fmt = lambda e: f"{e.value:.3f} [{e.lo:.3f}, {e.hi:.3f}]"  # noqa: E731
     rows_t = [
-        ["excise (predict, loglik)", f"{ex_s:.1f}", f"{ex_cpu:.1f}", f"{n / ex_s:.2f}", fmt(ex_acc), f"{ex_load:.1f}"],
+        [f"excise (predict, loglik, {path})", f"{ex_s:.1f}", f"{ex_cpu:.1f}", f"{n / ex_s:.2f}", fmt(ex_acc), f"{ex_load:.1f}"],
         ["lm-eval (HFLM, multiple_choice)", f"{le_s:.1f}", f"{le_cpu:.1f}", f"{n / le_s:.2f}", fmt(le_acc),
          f"{le_load:.1f}"],
     ]
@@ -147,13 +170,19 @@ def main(argv=None) -> int:
     print(tab)
     print(f"\nprediction agreement: {fmt(agree)}; speed-up lm-eval / excise: {speed:.2f}x wall, {speed_cpu:.2f}x CPU time")
     print(f"per-option log-likelihood |excise - lm-eval|: max {diff.max():.2e}, median {np.median(diff):.2e}")
-    print(f"load average: {mach['loadavg_1_5_15']} on {mach['cores']} cores, torch threads {args.threads}")
+    print(f"medians of {args.rounds} round(s); CPU-time speed-up per round: "
+          + ", ".join(f"{le[2] / ex[2]:.2f}x" for ex, le in zip(ex_runs, le_runs)))
+    print(f"load average (1, 5, 15 min) at start and after each round: {loads} on {mach['cores']} cores, "
+          f"torch threads {args.threads}")
     disagree = [{"example_id": items[i].example_id, "category": items[i].category, "excise": ex_scores[i].tolist(),
                  "lm_eval": le_scores[i].tolist()} for i in np.nonzero(ex_pred != le_pred)[0]]
     _common.save(f"bbq_vs_lm_eval_{n}", {
         "args": vars(args), "machine": mach, "n": n, "agreement": agree.as_dict(), "speedup_wall": speed, "speedup_cpu": speed_cpu,
-        "excise": {"seconds": ex_s, "cpu_seconds": ex_cpu, "load_s": ex_load, "accuracy": ex_acc.as_dict()},
-        "lm_eval": {"seconds": le_s, "cpu_seconds": le_cpu, "load_s": le_load, "accuracy": le_acc.as_dict(), "acc_reported": le_res.get("acc,none")},
+        "loadavg_per_round": loads, "loglik_path": path,
+        "excise": {"seconds": ex_s, "cpu_seconds": ex_cpu, "load_s": ex_load, "accuracy": ex_acc.as_dict(),
+                   "rounds_wall_cpu": [[x[1], x[2]] for x in ex_runs]},
+        "lm_eval": {"seconds": le_s, "cpu_seconds": le_cpu, "load_s": le_load, "accuracy": le_acc.as_dict(),
+                    "acc_reported": le_res.get("acc,none"), "rounds_wall_cpu": [[x[1], x[2]] for x in le_runs]},
         "loglik_abs_diff": {"max": float(diff.max()), "median": float(np.median(diff))},
         "disagreements": disagree, "table": tab,
     })

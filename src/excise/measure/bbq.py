@@ -80,18 +80,22 @@ def score_loglik(
     ``normalize="tokens"`` divides by the option's token count, ``"chars"`` by its character count
     (lm-evaluation-harness's ``acc_norm``); ``"none"`` (default) is the summed log-likelihood.
     Option tokens are the option text tokenized on its own (no special tokens), so the result
-    equals :func:`score_loglik_naive` on the same ids.
+    equals :func:`score_loglik_naive` on the same ids. Items run packed (one row per item, see
+    :func:`_packed_ok`) or, where packing does not apply, against a repeated KV cache.
     """
-    import torch
-
     if normalize not in ("none", "tokens", "chars"):
         raise ExciseError(f"unknown normalize '{normalize}'; choose none, tokens or chars")
     if batch_size < 1:
         raise ExciseError(f"batch_size must be >= 1, got {batch_size}")
-    model = handle.model
     out = np.zeros((len(items), 3), dtype=np.float64)
-    # batches of similar prompt length waste less compute on padding; rows go back to input order
-    order = sorted(range(len(items)), key=lambda i: len(prompt_fn(items[i])))
+    if not items:
+        return out
+    p_lists, o_lists, options = _tokenize_items(handle, items, prompt_fn, options_fn)
+    packed = _packed_ok(handle.model)
+    window = _sliding_window(handle.model)
+    # batches of similar packed length waste less compute on padding; rows go back to input order
+    length = [len(p_lists[i]) + sum(len(o) - 1 for o in o_lists[i]) for i in range(len(items))]
+    order = sorted(range(len(items)), key=lambda i: length[i])
     it = range(0, len(items), batch_size)
     if progress:
         from tqdm import tqdm
@@ -99,45 +103,176 @@ def score_loglik(
         it = tqdm(it, desc="loglik", unit="batch")
     for start in it:
         idx = order[start:start + batch_size]
-        batch = [items[i] for i in idx]
-        prompts = [prompt_fn(x) for x in batch]
-        options = [o for x in batch for o in options_fn(x)]
-        if len(options) != 3 * len(batch):
-            raise ExciseError("options_fn must return exactly 3 options per item")
-        p_ids, p_mask = _tok(handle, prompts, side="left", special=add_special_tokens_for(prompts))
-        o_ids, o_mask = _tok(handle, options, side="right", special=False)
-        if bool((o_mask.sum(1) == 0).any()):
-            bad = int((o_mask.sum(1) == 0).nonzero()[0, 0]) // 3
-            raise ExciseError("an answer option tokenizes to nothing", where=batch[bad].source)
-        B, Tp = p_ids.shape
-        with torch.inference_mode():
-            p_pos = (p_mask.long().cumsum(1) - 1).clamp(min=0)
-            # only the last position's logits are read: skip the LM head elsewhere (-15% CPU time)
-            res = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
-                        **last_logits_only(model))
-            last = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V] next-token after prompt
-            cache = res.past_key_values
-            cache.batch_repeat_interleave(3)
-            plen = p_mask.sum(1).repeat_interleave(3)  # [3B]
-            To = o_ids.shape[1]
-            o_pos = plen[:, None] + torch.arange(To, device=o_ids.device)[None, :]
-            mask = torch.cat([p_mask.repeat_interleave(3, dim=0), o_mask], dim=1)
-            if To > 1:
-                res2 = model(input_ids=o_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=o_pos[:, :-1],
-                             past_key_values=cache, use_cache=False)
-                lp2 = torch.log_softmax(res2.logits.float(), dim=-1)  # [3B, To-1, V]
-                tok_lp = lp2.gather(-1, o_ids[:, 1:, None])[..., 0]  # [3B, To-1]
-            else:
-                tok_lp = torch.zeros((3 * B, 0), device=o_ids.device)
-            first = last.repeat_interleave(3, dim=0).gather(-1, o_ids[:, :1])  # [3B, 1]
-            all_lp = torch.cat([first, tok_lp], dim=1) * o_mask.float()
-            total = all_lp.sum(1).double().cpu().numpy()
-        if normalize == "tokens":
-            total = total / o_mask.sum(1).cpu().numpy()
-        elif normalize == "chars":
-            total = total / np.array([max(1, len(o)) for o in options], dtype=np.float64)
-        out[idx] = total.reshape(len(batch), 3)
+        longest = max(len(p_lists[i]) + max(len(o) for o in o_lists[i]) for i in idx)
+        fn = _loglik_packed if packed and (window is None or longest <= window) else _loglik_kv_cache
+        out[idx] = fn(handle.model, [p_lists[i] for i in idx], [o_lists[i] for i in idx], handle.device)
+    if normalize == "tokens":
+        out /= np.array([[len(o) for o in os_] for os_ in o_lists], dtype=np.float64)
+    elif normalize == "chars":
+        out /= np.array([[max(1, len(o)) for o in os_] for os_ in options], dtype=np.float64)
     return out
+
+
+def _tokenize_items(handle: Any, items: Sequence[BBQItem], prompt_fn: Callable, options_fn: Callable):
+    """Unpadded token id lists: prompts (special tokens as the tokenizer adds them), options (none)."""
+    prompts = [prompt_fn(x) for x in items]
+    options = [options_fn(x) for x in items]
+    if any(len(o) != 3 for o in options):
+        raise ExciseError("options_fn must return exactly 3 options per item")
+    special = add_special_tokens_for(prompts)
+    p_lists: list[list[int]] = []
+    o_lists: list[list[list[int]]] = []
+    for s in range(0, len(items), 64):  # tokenizer calls in chunks: one padded tensor per chunk
+        ids, mask = _tok(handle, prompts[s:s + 64], side="right", special=special)
+        p_lists += [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
+        flat = [o for os_ in options[s:s + 64] for o in os_]
+        ids, mask = _tok(handle, flat, side="right", special=False)
+        got = [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
+        o_lists += [got[3 * k:3 * k + 3] for k in range(len(got) // 3)]
+    for n, os_ in enumerate(o_lists):
+        if any(len(o) == 0 for o in os_):
+            raise ExciseError("an answer option tokenizes to nothing", where=items[n].source)
+        if not p_lists[n]:
+            raise ExciseError("a prompt tokenizes to nothing", where=items[n].source)
+    return p_lists, o_lists, options
+
+
+def _packed_ok(model: Any) -> bool:
+    """Whether the packed path applies: the model's modeling code builds its mask with transformers'
+    ``masking_utils.create_causal_mask`` (which passes a user 4D mask through unchanged), attention
+    is ``eager`` or ``sdpa`` (both add a float 4D mask to the scores; flash attention takes no 4D
+    mask, flex wants a BlockMask) and ``forward`` takes ``logits_to_keep``. In transformers 5 that
+    holds for every family in ``excise.testing.DECODERS`` and ``EXTRA_DECODERS`` (llama, qwen2/3,
+    mistral, gemma, gemma2, phi3, gpt2, gpt_neox, olmo/olmo2, smollm3); other models, and
+    flash/flex attention, use the KV-cache path. Sliding-window families stay packed only while a
+    sequence fits in the window (a custom mask replaces the window), checked per batch."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover
+        return False
+    mod = inspect.getmodule(type(base))
+    if getattr(mod, "create_causal_mask", None) is not masking_utils.create_causal_mask:
+        return False
+    if getattr(base.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _sliding_window(model: Any) -> int | None:
+    cfg = model.config
+    w = getattr(cfg, "sliding_window", None)
+    if w is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(w)
+
+
+def _loglik_packed(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]]], device: Any) -> np.ndarray:
+    """One row per item: prompt ids, then each option's ids minus its last token (a last token is
+    only ever a target), no padding between them. A float 4D mask lets the prompt attend causally
+    and each option attend to the whole prompt and its own earlier tokens; each option's position
+    ids restart at len(prompt). The LM head runs only at the positions whose next token is scored
+    (``logits_to_keep`` as a boolean [B, T] mask): the prompt's last token, once for the three
+    options, and every option token but the last. Same numbers as three separate passes."""
+    import torch
+
+    B = len(p_lists)
+    rows, segs, poss, keep_at, src, tgt, owner = [], [], [], [], [], [], []
+    for b, (p, os_) in enumerate(zip(p_lists, o_lists)):
+        Lp = len(p)
+        row, seg, pos, keep = list(p), [0] * Lp, list(range(Lp)), [Lp - 1]
+        for j, o in enumerate(os_):
+            start = len(row)
+            row += o[:-1]
+            seg += [j + 1] * (len(o) - 1)
+            pos += range(Lp, Lp + len(o) - 1)
+            keep += range(start, start + len(o) - 1)
+            for k, t in enumerate(o):
+                src.append((b, Lp - 1 if k == 0 else start + k - 1))
+                tgt.append(t)
+                owner.append(3 * b + j)
+        rows.append(row), segs.append(seg), poss.append(pos), keep_at.append(keep)
+    T = max(len(r) for r in rows)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+    pos = torch.zeros((B, T), dtype=torch.long)
+    keep = torch.zeros((B, T), dtype=torch.bool)
+    for b in range(B):
+        n = len(rows[b])
+        ids[b, :n] = torch.tensor(rows[b])
+        seg[b, :n] = torch.tensor(segs[b])
+        pos[b, :n] = torch.tensor(poss[b])
+        keep[b, keep_at[b]] = True
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves: no empty softmax
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((B, 1, T, T), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    # flat index of each kept (row, position) in the [n_keep, V] logits, row-major like the bool mask
+    flat = (keep.flatten().long().cumsum(0) - 1).view(B, T)
+    s = torch.tensor(src)
+    lp_rows = flat[s[:, 0], s[:, 1]]
+    with torch.inference_mode():
+        res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                    logits_to_keep=keep.to(device), use_cache=False)
+        logits = res.logits.reshape(-1, res.logits.shape[-1])  # [n_keep, V]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tok_lp = lp[lp_rows.to(device), torch.tensor(tgt, device=device)].double().cpu()
+    total = torch.zeros(3 * B, dtype=torch.float64).index_add_(0, torch.tensor(owner), tok_lp)
+    return total.numpy().reshape(B, 3)
+
+
+def _loglik_kv_cache(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]]], device: Any) -> np.ndarray:
+    """Fallback for models the packed path does not cover (:func:`_packed_ok`): prompts run once
+    (left-padded, explicit position ids) with ``use_cache=True``, the KV cache is repeated 3x and
+    the three options run against it (right-padded)."""
+    import torch
+
+    B = len(p_lists)
+    p_ids, p_mask = _pad(p_lists, side="left", device=device)
+    o_ids, o_mask = _pad([o for os_ in o_lists for o in os_], side="right", device=device)
+    with torch.inference_mode():
+        p_pos = (p_mask.long().cumsum(1) - 1).clamp(min=0)
+        # only the last position's logits are read: skip the LM head elsewhere (-15% CPU time)
+        res = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                    **last_logits_only(model))
+        last = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V] next-token after prompt
+        cache = res.past_key_values
+        cache.batch_repeat_interleave(3)
+        plen = p_mask.sum(1).repeat_interleave(3)  # [3B]
+        To = o_ids.shape[1]
+        o_pos = plen[:, None] + torch.arange(To, device=o_ids.device)[None, :]
+        mask = torch.cat([p_mask.repeat_interleave(3, dim=0), o_mask], dim=1)
+        if To > 1:
+            res2 = model(input_ids=o_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=o_pos[:, :-1],
+                         past_key_values=cache, use_cache=False)
+            lp2 = torch.log_softmax(res2.logits.float(), dim=-1)  # [3B, To-1, V]
+            tok_lp = lp2.gather(-1, o_ids[:, 1:, None])[..., 0]  # [3B, To-1]
+        else:
+            tok_lp = torch.zeros((3 * B, 0), device=o_ids.device)
+        first = last.repeat_interleave(3, dim=0).gather(-1, o_ids[:, :1])  # [3B, 1]
+        all_lp = torch.cat([first, tok_lp], dim=1) * o_mask.float()
+        return all_lp.sum(1).double().cpu().numpy().reshape(B, 3)
+
+
+def _pad(seqs: list[list[int]], *, side: str, device: Any):
+    import torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
 
 
 def score_loglik_naive(
