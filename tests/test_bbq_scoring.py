@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from excise.errors import ExciseError
 from excise.measure import bbq as mb
 from excise.tasks.bbq import load_bbq, sample_bbq
-from excise.testing import tiny_handle
+from excise.testing import DECODERS, tiny_handle
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +33,95 @@ def _tiny(fam):
     return tiny_handle(fam, **long)
 
 
-@pytest.mark.parametrize("fam", ["llama", "gpt2", "gemma2", "gpt_neox"])
-def test_shared_prefix_loglik_equals_naive(items, fam):
+@pytest.fixture(scope="module")
+def family_items():
+    """Consecutive full-BBQ items: 3 context families of 4 (ambig/disambig x neg/nonneg) whose
+    prompts share their start, so the packed scorer puts several items in one row."""
+    return load_bbq(["Age"], limit_per_category=12)
+
+
+def _has_uneven_options(h, items):
+    _, o, _ = mb._tokenize_items(h, items, mb.loglik_prompt, mb.loglik_options)
+    return any(len({len(x) for x in os_}) > 1 for os_ in o)
+
+
+@pytest.mark.parametrize("fam", DECODERS)
+def test_packed_loglik_equals_naive(items, fam):
     h = _tiny(fam)
-    shared = mb.score_loglik(h, items, batch_size=3)  # uneven last batch, mixed prompt lengths
+    assert mb._packed_ok(h.model), fam  # every supported decoder family takes the packed path
+    assert _has_uneven_options(h, items)
     naive = mb.score_loglik_naive(h, items)
-    assert shared.shape == (len(items), 3)
-    np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
-    assert not np.allclose(shared[:, 0], shared[:, 1])  # options really differ
+    for bs in (1, 3):  # one row per batch; an uneven last batch with mixed lengths
+        np.testing.assert_allclose(mb.score_loglik(h, items, batch_size=bs), naive, atol=1e-4, rtol=0)
+    assert not np.allclose(naive[:, 0], naive[:, 1])  # options really differ
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_packed_rows_shared_by_items_equal_naive(family_items, fam):
+    h = _tiny(fam)
+    p, _, _ = mb._tokenize_items(h, family_items, mb.loglik_prompt, mb.loglik_options)
+    rows = mb._share_rows(p, 8)
+    assert max(map(len, rows)) >= 4 and sorted(i for r in rows for i in r) == list(range(len(family_items)))
+    assert all(len(r) <= 3 for r in mb._share_rows(p, 3))  # a row never holds more than a batch
+    naive = mb.score_loglik_naive(h, family_items)
+    for bs in (3, 8):
+        np.testing.assert_allclose(mb.score_loglik(h, family_items, batch_size=bs), naive, atol=1e-4, rtol=0)
+
+
+def test_packed_sdpa_and_padding_side(items):
+    h = _tiny("llama")
+    ref = mb.score_loglik(h, items, batch_size=3)
+    sd = tiny_handle("llama", attn_implementation="sdpa", max_position_embeddings=1024)
+    assert mb._packed_ok(sd.model)
+    np.testing.assert_allclose(mb.score_loglik(sd, items, batch_size=3), ref, atol=1e-5)
+    for side in ("left", "right"):  # the tokenizer's own padding side does not matter
+        h.tokenizer.padding_side = side
+        np.testing.assert_allclose(mb.score_loglik(h, items, batch_size=3), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_kv_cache_fallback_equals_naive(items, fam, monkeypatch):
+    h = _tiny(fam)
+    monkeypatch.setattr(mb, "_packed_ok", lambda model: False)
+    monkeypatch.setattr(mb, "_loglik_packed", None)  # must not be reached
+    naive = mb.score_loglik_naive(h, items)
+    for bs in (1, 3):
+        np.testing.assert_allclose(mb.score_loglik(h, items, batch_size=bs), naive, atol=1e-4, rtol=0)
+
+
+def test_packed_path_choice(items, monkeypatch):
+    h = _tiny("llama")
+    h.model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask: KV-cache path
+    assert not mb._packed_ok(h.model)
+    h.model.config._attn_implementation = "eager"
+    assert mb._packed_ok(h.model)
+
+    class Wrapped(torch.nn.Module):  # modeling code that does not build masks with masking_utils
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def forward(self, logits_to_keep=0, **kw):
+            return self.m(logits_to_keep=logits_to_keep, **kw)
+
+    assert not mb._packed_ok(Wrapped(h.model))
+    # a sliding window shorter than an item: a custom 4D mask would drop the window -> KV-cache path
+    w = _tiny("mistral")
+    w.model.config.sliding_window = 48
+    w.model.config._attn_implementation = "eager"
+    calls = []
+    real = mb._loglik_kv_cache
+    monkeypatch.setattr(mb, "_loglik_kv_cache", lambda *a: calls.append(1) or real(*a))
+    np.testing.assert_allclose(mb.score_loglik(w, items, batch_size=3), mb.score_loglik_naive(w, items), atol=1e-4)
+    assert calls
 
 
 def test_loglik_normalisation_and_batch_invariance(items):
     h = _tiny("llama")
     s = mb.score_loglik(h, items, batch_size=3)
     np.testing.assert_allclose(s, mb.score_loglik(h, items, batch_size=12), atol=1e-4)
+    np.testing.assert_allclose(s, mb.score_loglik(h, items, batch_size=1), atol=1e-4)
+    assert mb.score_loglik(h, [], batch_size=3).shape == (0, 3)
     tok = mb.score_loglik(h, items, batch_size=3, normalize="tokens")
     lens = np.array([[len(o.encode()) for o in mb.loglik_options(x)] for x in items])  # byte tokenizer
     np.testing.assert_allclose(tok, s / lens, atol=1e-5)

@@ -93,19 +93,29 @@ def score_loglik(
     p_lists, o_lists, options = _tokenize_items(handle, items, prompt_fn, options_fn)
     packed = _packed_ok(handle.model)
     window = _sliding_window(handle.model)
-    # batches of similar packed length waste less compute on padding; rows go back to input order
-    length = [len(p_lists[i]) + sum(len(o) - 1 for o in o_lists[i]) for i in range(len(items))]
-    order = sorted(range(len(items)), key=lambda i: length[i])
-    it = range(0, len(items), batch_size)
+    rows = _share_rows(p_lists, batch_size) if packed else [[i] for i in range(len(items))]
+    # batches of similar length waste less compute on padding; results go back to input order
+    size = {tuple(r): _tree_size(p_lists, o_lists, r) for r in rows}
+    rows.sort(key=lambda r: size[tuple(r)])
+    batches: list[list[list[int]]] = []
+    for r in rows:
+        if batches and sum(map(len, batches[-1])) + len(r) <= batch_size:
+            batches[-1].append(r)
+        else:
+            batches.append([r])
+    it: Iterable = batches
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="loglik", unit="batch")
-    for start in it:
-        idx = order[start:start + batch_size]
+        it = tqdm(batches, desc="loglik", unit="batch")
+    for batch in it:
+        idx = [i for r in batch for i in r]
         longest = max(len(p_lists[i]) + max(len(o) for o in o_lists[i]) for i in idx)
-        fn = _loglik_packed if packed and (window is None or longest <= window) else _loglik_kv_cache
-        out[idx] = fn(handle.model, [p_lists[i] for i in idx], [o_lists[i] for i in idx], handle.device)
+        if packed and (window is None or longest <= window):
+            out[idx] = _loglik_packed(handle.model, batch, p_lists, o_lists, handle.device)
+        else:
+            out[idx] = _loglik_kv_cache(handle.model, [p_lists[i] for i in idx], [o_lists[i] for i in idx],
+                                        handle.device)
     if normalize == "tokens":
         out /= np.array([[len(o) for o in os_] for os_ in o_lists], dtype=np.float64)
     elif normalize == "chars":
@@ -172,61 +182,134 @@ def _sliding_window(model: Any) -> int | None:
     return int(w)
 
 
-def _loglik_packed(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]]], device: Any) -> np.ndarray:
-    """One row per item: prompt ids, then each option's ids minus its last token (a last token is
-    only ever a target), no padding between them. A float 4D mask lets the prompt attend causally
-    and each option attend to the whole prompt and its own earlier tokens; each option's position
-    ids restart at len(prompt). The LM head runs only at the positions whose next token is scored
-    (``logits_to_keep`` as a boolean [B, T] mask): the prompt's last token, once for the three
-    options, and every option token but the last. Same numbers as three separate passes."""
+SHARE_MIN_TOKENS = 8  # items whose prompts share at least this many leading tokens may share a row
+SHARE_MAX_NODES = 512  # ... while the row stays this short (attention cost grows with the square)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _tree_size(p_lists: list[list[int]], o_lists: list[list[list[int]]], row: Sequence[int]) -> int:
+    """Tokens in a row's prefix tree (see :func:`_loglik_packed`)."""
+    nodes: set[tuple[int, ...]] = set()
+    for i in row:
+        p = tuple(p_lists[i])
+        nodes.update(p[:k] for k in range(1, len(p) + 1))
+        for o in o_lists[i]:
+            nodes.update(p + tuple(o[:k]) for k in range(1, len(o)))
+    return len(nodes)
+
+
+def _share_rows(p_lists: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Group items into packed rows: in token order, an item joins the previous item's row when
+    their prompts share >= SHARE_MIN_TOKENS leading tokens (full BBQ: an ambiguous context is the
+    start of its disambiguated one, and each context has two questions, so ~4 items share ~half
+    their tokens; the full BBQ then packs into ~half the tokens), up to ``batch_size`` items and
+    ~SHARE_MAX_NODES tokens per row."""
+    order = sorted(range(len(p_lists)), key=lambda i: p_lists[i])
+    rows: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if rows:
+            prev = rows[-1]
+            shared = _common_prefix(p_lists[prev[-1]], p_lists[i])
+            if (shared >= SHARE_MIN_TOKENS and len(prev) < batch_size
+                    and tokens + len(p_lists[i]) - shared <= SHARE_MAX_NODES):
+                prev.append(i)
+                tokens += len(p_lists[i]) - shared
+                continue
+        rows.append([i])
+        tokens = len(p_lists[i])
+    return rows
+
+
+def _loglik_packed(model: Any, rows: list[list[int]], p_lists: list[list[int]], o_lists: list[list[list[int]]],
+                   device: Any) -> np.ndarray:
+    """Score the items of ``rows`` (lists of item indices, one packed row each) in one forward
+    pass; returns [n_items, 3] in the order of ``[i for r in rows for i in r]``.
+
+    A row is the prefix tree (trie) of its items' token sequences ``prompt + option[:-1]`` (an
+    option's last token is only ever a target): a prompt's tokens once for its three options,
+    a token shared by several options (" The ...") once, and the common start of the prompts of
+    items that share a row once. A float 4D mask lets each token attend to its ancestors in the
+    tree and itself, and its position id is its depth, so every token sees exactly the sequence
+    it would see alone. The LM head runs only at the tokens whose next token is scored
+    (``logits_to_keep`` as a boolean [B, T] mask). Same numbers as one pass per option."""
     import torch
 
-    B = len(p_lists)
-    rows, segs, poss, keep_at, src, tgt, owner = [], [], [], [], [], [], []
-    for b, (p, os_) in enumerate(zip(p_lists, o_lists)):
-        Lp = len(p)
-        row, seg, pos, keep = list(p), [0] * Lp, list(range(Lp)), [Lp - 1]
-        for j, o in enumerate(os_):
-            start = len(row)
-            row += o[:-1]
-            seg += [j + 1] * (len(o) - 1)
-            pos += range(Lp, Lp + len(o) - 1)
-            keep += range(start, start + len(o) - 1)
-            for k, t in enumerate(o):
-                src.append((b, Lp - 1 if k == 0 else start + k - 1))
-                tgt.append(t)
-                owner.append(3 * b + j)
-        rows.append(row), segs.append(seg), poss.append(pos), keep_at.append(keep)
-    T = max(len(r) for r in rows)
-    ids = torch.zeros((B, T), dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
-    pos = torch.zeros((B, T), dtype=torch.long)
-    keep = torch.zeros((B, T), dtype=torch.bool)
+    B = len(rows)
+    toks, parents, depths = [], [], []
+    src: list[tuple[int, int]] = []  # (row, node) whose next-token distribution scores a token
+    tgt: list[int] = []
+    owner: list[int] = []  # 3 * (item slot) + option
+    slot = 0
+    for b, row in enumerate(rows):
+        tok_b: list[int] = []
+        par_b: list[int] = []
+        dep_b: list[int] = []
+        child: dict[tuple[int, int], int] = {}
+
+        def node(parent: int, t: int) -> int:
+            key = (parent, t)
+            if key not in child:
+                child[key] = len(tok_b)
+                tok_b.append(t)
+                par_b.append(parent)
+                dep_b.append(dep_b[parent] + 1 if parent >= 0 else 0)
+            return child[key]
+
+        for i in row:
+            cur = -1
+            for t in p_lists[i]:
+                cur = node(cur, t)
+            p_last = cur
+            for j, o in enumerate(o_lists[i]):
+                cur = p_last
+                for k, t in enumerate(o):
+                    src.append((b, cur))
+                    tgt.append(t)
+                    owner.append(3 * slot + j)
+                    if k < len(o) - 1:
+                        cur = node(cur, t)
+            slot += 1
+        toks.append(tok_b), parents.append(par_b), depths.append(dep_b)
+    T = max(len(t) for t in toks)
+    ids = np.zeros((B, T), dtype=np.int64)
+    pos = np.zeros((B, T), dtype=np.int64)
+    allowed = np.zeros((B, T, T), dtype=bool)
     for b in range(B):
-        n = len(rows[b])
-        ids[b, :n] = torch.tensor(rows[b])
-        seg[b, :n] = torch.tensor(segs[b])
-        pos[b, :n] = torch.tensor(poss[b])
-        keep[b, keep_at[b]] = True
-    q, k = seg[:, :, None], seg[:, None, :]
-    causal = torch.ones((T, T), dtype=torch.bool).tril()
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves: no empty softmax
+        n = len(toks[b])
+        ids[b, :n] = toks[b]
+        pos[b, :n] = depths[b]
+        anc = allowed[b]
+        for q, par in enumerate(parents[b]):  # parents come before children: ancestors(q) = ancestors(parent) + q
+            if par >= 0:
+                anc[q, :n] = anc[par, :n]
+            anc[q, q] = True
+        anc[np.arange(n, T), np.arange(n, T)] = True  # padding attends to itself: no empty softmax rows
+    keep = np.zeros((B, T), dtype=bool)
+    s = np.array(src, dtype=np.int64)
+    keep[s[:, 0], s[:, 1]] = True
+    flat = (keep.reshape(-1).cumsum() - 1).reshape(B, T)  # kept (row, node) -> row of the [n_keep, V] logits
+    lp_rows = torch.from_numpy(flat[s[:, 0], s[:, 1]]).to(device)
     dtype = next(model.parameters()).dtype
     mask = torch.zeros((B, 1, T, T), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    # flat index of each kept (row, position) in the [n_keep, V] logits, row-major like the bool mask
-    flat = (keep.flatten().long().cumsum(0) - 1).view(B, T)
-    s = torch.tensor(src)
-    lp_rows = flat[s[:, 0], s[:, 1]]
+    mask.masked_fill_(~torch.from_numpy(allowed)[:, None], torch.finfo(dtype).min)
     with torch.inference_mode():
-        res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    logits_to_keep=keep.to(device), use_cache=False)
+        res = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=mask.to(device),
+                    position_ids=torch.from_numpy(pos).to(device), logits_to_keep=torch.from_numpy(keep).to(device),
+                    use_cache=False)
         logits = res.logits.reshape(-1, res.logits.shape[-1])  # [n_keep, V]
         lp = torch.log_softmax(logits.float(), dim=-1)
-        tok_lp = lp[lp_rows.to(device), torch.tensor(tgt, device=device)].double().cpu()
-    total = torch.zeros(3 * B, dtype=torch.float64).index_add_(0, torch.tensor(owner), tok_lp)
-    return total.numpy().reshape(B, 3)
+        tok_lp = lp[lp_rows, torch.tensor(tgt, device=device)].double().cpu()
+    total = torch.zeros(3 * slot, dtype=torch.float64).index_add_(0, torch.tensor(owner), tok_lp)
+    return total.numpy().reshape(slot, 3)
 
 
 def _loglik_kv_cache(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]]], device: Any) -> np.ndarray:
