@@ -2,13 +2,15 @@
 
 Scoring modes, all batched:
 
-* ``loglik``: log-likelihood of each answer option after the prompt. The prompt's forward pass is
-  shared by the three options: prompts run once (left-padded, explicit position ids) with
-  ``use_cache=True``; the KV cache is repeated 3x and the three continuations run against it. We
-  chose the KV cache over packing prompt+options with a block attention mask because it works
-  with every attention implementation (eager, sdpa, flash) and every family without custom 4D
-  masks, and the option pass is tiny (a few tokens). :func:`score_loglik_naive` is the one-pass-
-  per-option reference the tests compare against.
+* ``loglik``: log-likelihood of each answer option after the prompt, in one forward pass per
+  batch with no repeated work: each packed row is the prefix tree of ``prompt + option`` token
+  sequences (the prompt once for its three options, shared option tokens once, and the common
+  start of items whose prompts share one once), with a float 4D attention mask (each token sees
+  its ancestors), depth as position ids, and the LM head only where a next token is scored.
+  Models whose attention cannot take such a mask (flash/flex attention, modeling code outside
+  transformers' ``masking_utils``, a sliding window shorter than an item) use the older path:
+  prompts once with ``use_cache=True``, the KV cache repeated 3x, the options against it.
+  :func:`score_loglik_naive` is the one-pass-per-option reference the tests compare against.
 * ``letter``: the lettered question through the chat template; the next-token log-probabilities
   of "A"/"B"/"C" pick the answer. Small models have position bias, so letter counts are reported.
 * ``generate``: greedy free text, mapped to an option like the BBQ authors' script does
