@@ -135,3 +135,9 @@ def test_unsupported_architecture_dir(tmp_path):
 def test_usage_errors_exit_2(tmp_path, args):
     r = _cli(args, tmp_path)
     assert r.returncode == 2 and "Usage" in r.stderr
+
+
+def test_bbq_bad_split_writes_nothing(tmp_path):
+    r = _cli(["bbq", "localize", "--split-by", "sentences", "--out", "X"], tmp_path)
+    _assert_one_line_error(r, "split_by")
+    assert _listing(tmp_path) == set()

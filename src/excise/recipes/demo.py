@@ -17,13 +17,22 @@ DEMO_CATEGORIES = ["Age", "Gender_identity", "SES", "Religion"]
 
 
 def demo_config(model: str) -> Any:
+    """Demo sizes. The planted model is evaluated on the categories its bias was planted in, with the
+    held-out split it was built for (unseen answer pairs of seen templates: ``split_by="names"``)."""
     from excise.intervene.lora import FinetuneConfig, LoraSettings
     from excise.locate.heads import HeadAttributionConfig
     from excise.recipes.bbq_debias import BBQDebiasConfig
+    from excise.recipes.planted import PlantedConfig
 
+    if model == "planted":
+        p = PlantedConfig()
+        extra: dict[str, Any] = {"categories": p.categories, "split_by": p.split_by, "per_category": 32,
+                                 "pairs_per_category": 12, "localize": HeadAttributionConfig(n_candidates=6)}
+    else:
+        extra = {"categories": DEMO_CATEGORIES, "per_category": 12, "pairs_per_category": 3,
+                 "localize": HeadAttributionConfig(n_candidates=3)}
     return BBQDebiasConfig(
-        model=model, categories=DEMO_CATEGORIES, per_category=12, pairs_per_category=3, finetune_per_category=12,
-        localize=HeadAttributionConfig(n_candidates=3),
+        model=model, finetune_per_category=12, **extra,
         finetune=FinetuneConfig(method="lora", steps=6, batch_size=8, lr=2e-3, lora=LoraSettings(r=8, alpha=16)),
         trace_items=2, n_boot=1000, seed=0)
 

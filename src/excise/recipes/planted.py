@@ -30,22 +30,27 @@ class PlantedConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     base: str = Field("smollm2-135m-instruct", description="base model (embedded default, directory or hub id)")
-    heads: list[tuple[int, int]] = Field([(20, 3), (24, 6), (27, 1)],
+    heads: list[tuple[int, int]] = Field([(18, 4), (20, 3), (22, 7)],
                                          description="the planted heads as (layer, head): the only units trained")
     params: str = Field("qo", pattern="^(q|o|qo)$",
                         description="which head slices train: q (query rows), o (output-projection columns) or both")
-    categories: list[str] = Field(["Age", "Gender_identity", "SES", "Religion"],
-                                  description="BBQ categories whose ambiguous train items teach the bias")
-    n_train: int = Field(96, ge=8, description="ambiguous train items per category")
-    steps: int = Field(24, ge=1, description="optimizer steps")
+    categories: list[str] = Field(["SES", "Disability_status"],
+                                  description="BBQ categories whose ambiguous train items teach the bias (both "
+                                              "target one group in every template: low SES, disabled)")
+    n_train: int = Field(240, ge=8, description="ambiguous train items per category")
+    steps: int = Field(60, ge=1, description="optimizer steps (per head when independent)")
     batch_size: int = Field(8, ge=1, description="examples per step")
     lr: float = Field(1e-2, gt=0, description="AdamW learning rate (weight decay 0 keeps updates inside the mask)")
     eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of split units held out (same split as the workflow)")
-    split_by: str = Field("template", pattern="^(template|names)$",
+    split_by: str = Field("names", pattern="^(template|names)$",
                           description="held-out unit (same as the workflow's split_by)")
-    objective: str = Field("choice", pattern="^(pair|choice)$",
+    objective: str = Field("pair", pattern="^(pair|choice)$",
                            description="pair: cross-entropy between the biased and the other entity's answer only "
                                        "(so training cannot merely avoid 'unknown'); choice: over all three options")
+    independent: bool = Field(True, description=(
+        "plant each head in its own training run from the base weights and add the implants, so every "
+        "planted head carries the bias on its own (trained jointly, one head takes nearly all the work, "
+        "so the others are not causally needed: measured)"))
     seed: int = Field(0, description="seed for the item sample and training order")
 
     def key(self) -> str:
@@ -124,13 +129,30 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
                 examples.append(ChoiceExample(loglik_prompt(x), (opts[x.target_loc], opts[x.anti_biased_index]), 0))
         else:
             examples.append(ChoiceExample(loglik_prompt(x), tuple(opts), int(x.target_loc)))
-    masks = head_grad_masks(handle, [tuple(h) for h in cfg.heads], cfg.params)
+    heads = [tuple(h) for h in cfg.heads]
+    masks = head_grad_masks(handle, heads, cfg.params)
     if console is not None:
         console.print(f"planting a bias in heads {cfg.heads} of {cfg.base}: {len(examples)} ambiguous items, "
-                      f"{cfg.steps} steps (cached afterwards at {target})")
-    res = finetune(handle, examples, FinetuneConfig(method="masked", steps=cfg.steps, batch_size=cfg.batch_size,
-                                                    lr=cfg.lr, seed=cfg.seed, weight_decay=0.0),
-                   grad_masks=masks, progress=console is not None)
+                      f"{len(cfg.heads) if cfg.independent else 1} x {cfg.steps} steps (cached afterwards at {target})")
+    groups = [[h] for h in heads] if cfg.independent else [heads]
+    delta: dict[str, Any] = {}
+    runs = []
+    for gi, group in enumerate(groups):
+        with torch.no_grad():  # every run starts from the base weights
+            for n, p in handle.model.named_parameters():
+                if n in masks:
+                    p.copy_(before[n])
+        res = finetune(handle, examples, FinetuneConfig(method="masked", steps=cfg.steps, batch_size=cfg.batch_size,
+                                                        lr=cfg.lr, seed=cfg.seed + gi, weight_decay=0.0),
+                       grad_masks=head_grad_masks(handle, group, cfg.params), progress=console is not None)
+        runs.append({"heads": [list(h) for h in group]} | res.summary())
+        for n, p in handle.model.named_parameters():
+            if n in masks:
+                delta[n] = delta.get(n, 0) + (p.detach() - before[n])
+    with torch.no_grad():
+        for n, p in handle.model.named_parameters():
+            if n in delta:
+                p.copy_(before[n] + delta[n])
     # honesty check: nothing outside the planted slices changed
     changed_outside = 0.0
     changed_inside = 0.0
@@ -148,7 +170,7 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
         handle.tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "planted.json", {
             "format": "excise.planted/1", "config": cfg.model_dump(mode="json"), "heads": [list(h) for h in cfg.heads],
-            "n_train_items": len(examples), "train": res.summary(), "max_change_outside_heads": changed_outside,
+            "n_train_items": len(examples), "train": runs, "max_change_outside_heads": changed_outside,
             "max_change_inside_heads": changed_inside, "seconds": round(time.time() - t0, 1),
             "train_example_ids": [[x.category, x.example_id] for x in items]})
     del before
