@@ -70,6 +70,29 @@ def test_planted_masks_cover_only_the_heads():
         head_grad_masks(h, [(5, 0)])
 
 
+def test_planted_kv_masks_take_whole_groups_only():
+    """qkvo adds the key/value rows of the heads' group; a partial group is refused (it would change
+    query heads outside the planted set)."""
+    from excise.recipes.planted import head_grad_masks
+    from excise.testing import tiny_handle
+
+    h = tiny_handle("llama")  # 4 query heads, 2 key/value heads: groups {0, 1} and {2, 3}
+    d = h.anatomy.head_dim
+    masks = head_grad_masks(h, [(1, 2), (1, 3)], "qkvo")
+    for name in ("k_proj", "v_proj"):
+        m = masks[f"model.layers.1.self_attn.{name}.weight"]
+        assert m[d:2 * d].all() and m.sum() == d * m.shape[1]  # key/value head 1 only
+    assert masks["model.layers.1.self_attn.q_proj.weight"].sum() == 2 * d * h.anatomy.d_model
+    with pytest.raises(ExciseError, match=r"whole groups"):
+        head_grad_masks(h, [(1, 2)], "qkvo")
+    from pydantic import ValidationError
+
+    from excise.recipes.planted import PlantedConfig
+
+    with pytest.raises(ValidationError, match="independent"):  # a group cannot be planted head by head
+        PlantedConfig(params="qkvo", independent=True)
+
+
 def test_config_rejects_unknown_settings():
     from excise.config import validate
     from excise.recipes.bbq_debias import BBQDebiasConfig

@@ -5,8 +5,12 @@ a few chosen heads -- their query-projection rows and their columns of the atten
 projection (``q_proj`` rows [h*d:(h+1)*d], ``o_proj`` columns likewise) -- through a gradient
 mask, on the stereotyped (biased) answers to ambiguous BBQ items of the train split. Key/value
 projections are left alone because with grouped-query attention they are shared by several
-query heads. Every other weight is bit-identical to the base (checked and recorded), so the bias
-lives in the planted heads by construction.
+query heads (``params: qkvo`` trains them too, for whole key/value groups). Every other weight is
+bit-identical to the base (checked and recorded), so whatever the implant does lives in the
+planted heads by construction. Whether each planted head *carries* a consistent bias is a separate,
+measured question (``benchmarks/planted_implant.py``; docs/bbq_mitigation.md): with the shipped
+settings the implant shifts the biased log-odds by about +1.3 nats on held-out items but with a
+per-item SD of about 3.5, and mostly through one head.
 
 The model is built once per configuration (seeded; rebuilding gives the same weights on CPU)
 and cached as safetensors under the excise cache (``models/planted-<hash>``).
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
 
@@ -32,13 +36,15 @@ class PlantedConfig(BaseModel):
     base: str = Field("smollm2-135m-instruct", description="base model (embedded default, directory or hub id)")
     heads: list[tuple[int, int]] = Field([(18, 4), (20, 3), (22, 7)],
                                          description="the planted heads as (layer, head): the only units trained")
-    params: str = Field("qo", pattern="^(q|o|qo)$",
-                        description="which head slices train: q (query rows), o (output-projection columns) or both")
+    params: str = Field("qo", pattern="^(q|o|qo|qkvo)$", description=(
+        "which head slices train: q (query rows), o (output-projection columns), both, or qkvo (also the "
+        "key/value rows of the heads' key/value group; the planted heads must then be whole groups)"))
     categories: list[str] = Field(["SES", "Disability_status"],
                                   description="BBQ categories whose ambiguous train items teach the bias (both "
                                               "target one group in every template: low SES, disabled)")
-    n_train: int = Field(240, ge=8, description="ambiguous train items per category")
-    steps: int = Field(60, ge=1, description="optimizer steps (per head when independent)")
+    n_train: int = Field(1000, ge=8, description="ambiguous train items per category (at most what the split has; "
+                                                 "1000 gives 1404 for SES + Disability_status: under one epoch)")
+    steps: int = Field(120, ge=1, description="optimizer steps (per head when independent)")
     batch_size: int = Field(8, ge=1, description="examples per step")
     lr: float = Field(1e-2, gt=0, description="AdamW learning rate (weight decay 0 keeps updates inside the mask)")
     eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of split units held out (same split as the workflow)")
@@ -47,11 +53,17 @@ class PlantedConfig(BaseModel):
     objective: str = Field("pair", pattern="^(pair|choice)$",
                            description="pair: cross-entropy between the biased and the other entity's answer only "
                                        "(so training cannot merely avoid 'unknown'); choice: over all three options")
-    independent: bool = Field(True, description=(
-        "plant each head in its own training run from the base weights and add the implants, so every "
-        "planted head carries the bias on its own (trained jointly, one head takes nearly all the work, "
-        "so the others are not causally needed: measured)"))
+    independent: bool = Field(False, description=(
+        "plant each head in its own run from the base weights and add the implants, instead of one joint "
+        "run. Meant to stop one head doing all the work; measured, the summed implants carry no "
+        "consistent bias (held-out shift +0.4 nats, SD 4.2), so the default is one joint run"))
     seed: int = Field(0, description="seed for the item sample and training order")
+
+    @model_validator(mode="after")
+    def _kv_needs_joint(self) -> "PlantedConfig":
+        if "k" in self.params and self.independent:
+            raise ValueError("params 'qkvo' trains key/value rows shared by a group of heads: set independent: false")
+        return self
 
     def key(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -65,10 +77,21 @@ def planted_dir(cfg: PlantedConfig) -> Path:
 
 
 def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo") -> dict[str, Any]:
-    """0/1 gradient masks selecting each head's query rows and output-projection columns."""
+    """0/1 gradient masks selecting each head's query rows and output-projection columns, and with
+    ``k``/``v`` in ``params`` the key/value rows of its key/value head. Keys and values are shared by
+    every query head of a group under grouped-query attention, so then ``heads`` must hold whole
+    groups: otherwise a head outside the planted set would change."""
     import torch
 
     an = handle.anatomy
+    kv = "k" in params or "v" in params
+    if kv:
+        group = an.n_heads // (an.n_kv_heads or an.n_heads)
+        wanted = {(l, (h // group) * group + i) for l, h in heads for i in range(group)}
+        if wanted - {tuple(x) for x in heads}:
+            missing = sorted(wanted - {tuple(x) for x in heads})
+            raise ExciseError(f"params '{params}' train key/value heads shared by {group} query heads; "
+                              f"add {missing} to the planted heads (whole groups only)")
     names = {id(p): n for n, p in handle.model.named_parameters()}
     masks: dict[str, Any] = {}
     d = an.head_dim
@@ -88,6 +111,15 @@ def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo
                 raise ExciseError(f"family '{an.spec.family}' has no separate q_proj; use params='o'")
             m = masks.setdefault(names[id(q.weight)], torch.zeros_like(q.weight))
             m[h * d:(h + 1) * d, :] = 1
+        for name in ("k", "v"):
+            if name not in params:
+                continue
+            proj = getattr(an.attn(l), f"{name}_proj", None)
+            if proj is None:
+                raise ExciseError(f"family '{an.spec.family}' has no separate {name}_proj; use params='qo'")
+            g = h // group
+            m = masks.setdefault(names[id(proj.weight)], torch.zeros_like(proj.weight))
+            m[g * d:(g + 1) * d, :] = 1
     return masks
 
 
