@@ -84,12 +84,11 @@ def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo
     import torch
 
     an = handle.anatomy
-    kv = "k" in params or "v" in params
-    if kv:
-        group = an.n_heads // (an.n_kv_heads or an.n_heads)
+    group = an.n_heads // (an.n_kv_heads or an.n_heads)  # query heads per key/value head
+    if "k" in params or "v" in params:
         wanted = {(l, (h // group) * group + i) for l, h in heads for i in range(group)}
-        if wanted - {tuple(x) for x in heads}:
-            missing = sorted(wanted - {tuple(x) for x in heads})
+        missing = sorted(wanted - {tuple(x) for x in heads})
+        if missing:
             raise ExciseError(f"params '{params}' train key/value heads shared by {group} query heads; "
                               f"add {missing} to the planted heads (whole groups only)")
     names = {id(p): n for n, p in handle.model.named_parameters()}
@@ -166,25 +165,30 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
     if console is not None:
         console.print(f"planting a bias in heads {cfg.heads} of {cfg.base}: {len(examples)} ambiguous items, "
                       f"{len(cfg.heads) if cfg.independent else 1} x {cfg.steps} steps (cached afterwards at {target})")
-    groups = [[h] for h in heads] if cfg.independent else [heads]
-    delta: dict[str, Any] = {}
-    runs = []
-    for gi, group in enumerate(groups):
-        with torch.no_grad():  # every run starts from the base weights
+    def train(group: list[tuple[int, int]], grad_masks: dict[str, Any], seed: int) -> dict[str, Any]:
+        res = finetune(handle, examples, FinetuneConfig(method="masked", steps=cfg.steps, batch_size=cfg.batch_size,
+                                                        lr=cfg.lr, seed=seed, weight_decay=0.0),
+                       grad_masks=grad_masks, progress=console is not None)
+        return {"heads": [list(h) for h in group]} | res.summary()
+
+    if not cfg.independent:
+        runs = [train(heads, masks, cfg.seed)]
+    else:  # one run per head from the base weights; the model gets the sum of the implants
+        delta: dict[str, Any] = {}
+        runs = []
+        for gi, hd in enumerate(heads):
+            with torch.no_grad():
+                for n, p in handle.model.named_parameters():
+                    if n in masks:
+                        p.copy_(before[n])
+            runs.append(train([hd], head_grad_masks(handle, [hd], cfg.params), cfg.seed + gi))
             for n, p in handle.model.named_parameters():
                 if n in masks:
-                    p.copy_(before[n])
-        res = finetune(handle, examples, FinetuneConfig(method="masked", steps=cfg.steps, batch_size=cfg.batch_size,
-                                                        lr=cfg.lr, seed=cfg.seed + gi, weight_decay=0.0),
-                       grad_masks=head_grad_masks(handle, group, cfg.params), progress=console is not None)
-        runs.append({"heads": [list(h) for h in group]} | res.summary())
-        for n, p in handle.model.named_parameters():
-            if n in masks:
-                delta[n] = delta.get(n, 0) + (p.detach() - before[n])
-    with torch.no_grad():
-        for n, p in handle.model.named_parameters():
-            if n in delta:
-                p.copy_(before[n] + delta[n])
+                    delta[n] = delta.get(n, 0) + (p.detach() - before[n])
+        with torch.no_grad():
+            for n, p in handle.model.named_parameters():
+                if n in delta:
+                    p.copy_(before[n] + delta[n])
     # honesty check: nothing outside the planted slices changed
     changed_outside = 0.0
     changed_inside = 0.0
