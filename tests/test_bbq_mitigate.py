@@ -93,6 +93,15 @@ def test_planted_kv_masks_take_whole_groups_only():
         PlantedConfig(params="qkvo", independent=True)
 
 
+def test_split_defaults_to_template_or_the_planted_models_own():
+    from excise.recipes.bbq_debias import BBQDebiasConfig
+
+    assert BBQDebiasConfig().split_by == "template"
+    planted = BBQDebiasConfig(model="planted")
+    assert planted.split_by == planted.planted.split_by == "names"
+    assert BBQDebiasConfig(model="planted", split_by="template").split_by == "template"  # an explicit choice wins
+
+
 def test_config_rejects_unknown_settings():
     from excise.config import validate
     from excise.recipes.bbq_debias import BBQDebiasConfig

@@ -119,7 +119,7 @@ def _debias_command(stages: tuple[str, ...], doc: str):
         scoring: str = typer.Option("loglik", help="evaluation scoring: loglik, letter or generate"),
         pairs_per_category: int = typer.Option(8, help="ambiguous/disambiguated pairs per category for attribution"),
         split_by: Optional[str] = typer.Option(
-            None, help="held-out unit: template or names (default: template; for 'planted', the split it was built for)"),
+            None, help="held-out unit: template or names (default: template; for 'planted', the split it is built for)"),
         k: int = typer.Option(3, help="heads to soft-prune (top-k)"),
         head_scale: float = typer.Option(0.2, help="soft-pruning scale (0 removes the heads)"),
         method: str = typer.Option("lora", help="fine-tune after pruning: lora or full"),
@@ -128,12 +128,8 @@ def _debias_command(stages: tuple[str, ...], doc: str):
         seed: int = typer.Option(0, help="seed"),
         force: bool = typer.Option(False, "--force", help="overwrite a run directory holding another config"),
     ) -> None:
-        if split_by is None and model == "planted":
-            from excise.recipes.planted import PlantedConfig
-
-            split_by = PlantedConfig().split_by
         _run_debias(stages, model, categories, per_category, scoring, out, seed, force,
-                    {"pairs_per_category": pairs_per_category, "split_by": split_by or "template",
+                    {"pairs_per_category": pairs_per_category, "split_by": split_by,
                      "select": {"method": "topk", "k": k},
                      "head_scale": head_scale, "finetune": {"method": method, "steps": steps}})
 

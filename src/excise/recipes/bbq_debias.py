@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
 from excise.intervene.lora import FinetuneConfig, LoraSettings
@@ -53,8 +53,9 @@ class BBQDebiasConfig(BaseModel):
     scoring: Literal["loglik", "letter", "generate"] = Field(
         "loglik", description="evaluation scoring mode (localization and fine-tuning always use option log-likelihoods)")
     eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of split units held out for evaluation")
-    split_by: Literal["template", "names"] = Field(
-        "template", description="held-out unit: whole templates, or a template's pair of answer entities")
+    split_by: Literal["template", "names"] | None = Field(
+        None, description="held-out unit: whole templates, or a template's pair of answer entities (None: template, "
+                          "or for model=planted the split its planted settings name, so its training items stay unseen)")
     pairs_per_category: int = Field(8, ge=1, description="ambiguous/disambiguated train pairs per category for localization")
     finetune_per_category: int = Field(16, ge=1, description="disambiguated train items per category for the fine-tune")
     localize: HeadAttributionConfig = Field(default_factory=HeadAttributionConfig, description="head localizer")
@@ -71,6 +72,12 @@ class BBQDebiasConfig(BaseModel):
     device: str = Field("cpu", description="cpu or cuda")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     seed: int = Field(0, description="one seed for sampling, training and bootstrap")
+
+    @model_validator(mode="after")
+    def _resolve_split(self) -> "BBQDebiasConfig":
+        if self.split_by is None:
+            self.split_by = self.planted.split_by if self.model == PLANTED else "template"
+        return self
 
 
 # --- data ------------------------------------------------------------------------------------------

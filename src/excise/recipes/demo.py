@@ -17,8 +17,8 @@ DEMO_CATEGORIES = ["Age", "Gender_identity", "SES", "Religion"]
 
 
 def demo_config(model: str) -> Any:
-    """Demo sizes. The planted model is evaluated on the categories its bias was planted in, with the
-    held-out split it was built for (unseen answer pairs of seen templates: ``split_by="names"``)."""
+    """Demo sizes. The planted model is evaluated on the categories its bias was planted in (with the
+    split it is built for, which ``BBQDebiasConfig`` picks for model=planted)."""
     from excise.intervene.lora import FinetuneConfig, LoraSettings
     from excise.locate.heads import HeadAttributionConfig
     from excise.recipes.bbq_debias import BBQDebiasConfig
@@ -26,7 +26,7 @@ def demo_config(model: str) -> Any:
 
     if model == "planted":
         p = PlantedConfig()
-        extra: dict[str, Any] = {"categories": p.categories, "split_by": p.split_by, "per_category": 32,
+        extra: dict[str, Any] = {"categories": p.categories, "per_category": 32,
                                  "pairs_per_category": 12, "localize": HeadAttributionConfig(n_candidates=6)}
     else:
         extra = {"categories": DEMO_CATEGORIES, "per_category": 12, "pairs_per_category": 3,
