@@ -12,7 +12,7 @@ prints, on ambiguous BBQ items of the train split the implant never saw and of t
 A head that carries the implant shows a drop well above 0 whose CI excludes 0 on both splits.
 
     .venv/bin/python benchmarks/planted_implant.py                      # the shipped default
-    .venv/bin/python benchmarks/planted_implant.py --joint --steps 120  # one joint run instead
+    .venv/bin/python benchmarks/planted_implant.py --independent --steps 60 --n-train 240  # one run per head
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: PlantedConfig's)")
     ap.add_argument("--n-train", type=int, default=None, help="ambiguous train items per category")
-    ap.add_argument("--joint", action="store_true", help="train the heads in one run instead of one run each")
+    ap.add_argument("--independent", action="store_true", help="plant each head in its own run (default: one joint run)")
     ap.add_argument("--n", type=int, default=24, help="ambiguous items per category and split")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -44,8 +44,8 @@ def main() -> None:
     from excise.tasks.bbq import load_bbq, sample_bbq
 
     update = {k: v for k, v in (("steps", args.steps), ("n_train", args.n_train)) if v is not None}
-    if args.joint:
-        update["independent"] = False
+    if args.independent:
+        update["independent"] = True
     cfg = PlantedConfig().model_copy(update=update)
     t0 = time.time()
     directory = build_planted(cfg)
@@ -86,7 +86,7 @@ def main() -> None:
         print(f"{name:22s} {q:28s} {e.value:8.2f} [{e.lo:6.2f}, {e.hi:6.2f}] n={e.n:<3d} {note}")
     from excise.io import atomic_write_json
 
-    out = RESULTS / ("planted_implant_joint.json" if args.joint else "planted_implant.json")
+    out = RESULTS / ("planted_implant_independent.json" if args.independent else "planted_implant.json")
     atomic_write_json(out, result)
     print(f"wrote {out}")
 
