@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from excise.errors import ExciseError
-from excise.intervene.masked_lora import (LoraConfigModel, UnlearnSettings, apply_masked_lora, apply_plain_lora,
-                                          concept_batches, concept_loss, load_masked_lora, unlearn_concept)
+from excise.intervene.masked_lora import (UnlearnSettings, all_units, concept_batches, concept_loss, load_masked_lora,
+                                          unlearn_concept)
+from excise.intervene.trainable import LoraFields, make_trainable
 from excise.locate.saliency import SaliencyConfig, random_mask_like, score_units
 from excise.select import Mask, select
 from excise.tasks.concepts import ConceptItem, ConceptSpec
@@ -26,6 +27,10 @@ def spec():
         neutral=["The river flows slowly.", "Bees make honey in hives."])
 
 
+def masked_lora(model, mask, r=4):
+    return make_trainable(model, "masked_lora", LoraFields(r=r), mask=mask).masked
+
+
 def neuron_mask(h, layer=1, units=(3, 7, 20)):
     v = torch.zeros(h.anatomy.n_layers, h.anatomy.d_mlp, dtype=torch.bool)
     v[layer, list(units)] = True
@@ -42,7 +47,7 @@ def test_update_confined_to_mask_and_base_frozen(family):
     h = tiny_handle(family)
     base = {n: p.detach().clone() for n, p in h.model.named_parameters()}
     mask = neuron_mask(h)
-    ml = apply_masked_lora(h.model, mask, LoraConfigModel(r=4))
+    ml = masked_lora(h.model, mask)
     log = _train(h, ml)
     assert len(log) == 3
     # the adapter moved (B is no longer zero) but not outside the mask
@@ -67,7 +72,7 @@ def test_units_outside_mask_unchanged_functionally():
     x = torch.randn(2, 3, h.anatomy.d_mlp)
     x[..., 5] = 0.0  # an input carried only by unselected units
     ref = down(x).detach().clone()
-    ml = apply_masked_lora(h.model, mask, LoraConfigModel(r=4))
+    ml = masked_lora(h.model, mask)
     _train(h, ml, steps=2)
     assert torch.equal(h.anatomy.mlp_down(0)(x), ref)
     x[..., 5] = 1.0  # the selected unit's contribution did change
@@ -78,7 +83,7 @@ def test_head_mask_columns():
     h = tiny_handle("llama")
     v = torch.zeros(h.anatomy.n_layers, h.anatomy.n_heads, dtype=torch.bool)
     v[1, 2] = True
-    ml = apply_masked_lora(h.model, Mask("head", v), LoraConfigModel(r=4))
+    ml = masked_lora(h.model, Mask("head", v))
     _train(h, ml)
     assert ml.delta_outside_mask() == 0.0
     (dw,) = [m.get_delta_weight("default") for n, m in ml.model.named_modules() if hasattr(m, "get_delta_weight")]
@@ -92,7 +97,7 @@ def test_roundtrip_save_load_merge_unload(tmp_path):
     model0 = copy.deepcopy(h.model)
     ids = torch.tensor([[5, 9, 14, 30, 31]])
     base_out = model0(ids).logits.detach()
-    ml = apply_masked_lora(h.model, neuron_mask(h), LoraConfigModel(r=4))
+    ml = masked_lora(h.model, neuron_mask(h))
     _train(h, ml)
     with torch.no_grad():
         trained = ml.model(input_ids=ids).logits.detach()
@@ -119,7 +124,7 @@ def test_roundtrip_save_load_merge_unload(tmp_path):
 def test_load_refuses_adapter_outside_mask(tmp_path):
     h = tiny_handle("llama")
     model0 = copy.deepcopy(h.model)
-    ml = apply_masked_lora(h.model, neuron_mask(h), LoraConfigModel(r=4))
+    ml = masked_lora(h.model, neuron_mask(h))
     for n, p in ml.model.named_parameters():
         if "lora_A" in n:
             with torch.no_grad():
@@ -132,7 +137,7 @@ def test_load_refuses_adapter_outside_mask(tmp_path):
 @pytest.mark.parametrize("objective", ["grad_ascent", "idk", "npo"])
 def test_objectives_losses(objective):
     h = tiny_handle("llama")
-    ml = apply_masked_lora(h.model, neuron_mask(h), LoraConfigModel(r=4))
+    ml = masked_lora(h.model, neuron_mask(h))
     cfg = UnlearnSettings(objective=objective, steps=1, batch_size=2)
     b = concept_batches(h, spec(), cfg)[0]
     loss = concept_loss(ml.model, b, cfg)
@@ -169,5 +174,5 @@ def test_plain_lora_and_saliency_masks():
     r = random_mask_like(m, seed=1)
     assert r.n_selected == 10 and torch.equal(r.values.sum(1), m.values.sum(1))
     assert all(not p.requires_grad or True for p in h.model.parameters())
-    ml = apply_plain_lora(h.model, "neuron", LoraConfigModel(r=2))
+    ml = masked_lora(h.model, all_units(h.model, "neuron"), r=2)
     assert ml.n_trainable == h.anatomy.n_layers * 2 * (h.anatomy.d_mlp + h.anatomy.d_model)

@@ -7,7 +7,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_knows_and_masked_lora_forgets(smollm2):
-    from excise.intervene.masked_lora import LoraConfigModel, UnlearnSettings, apply_masked_lora, unlearn_concept
+    from excise.intervene.masked_lora import UnlearnSettings, unlearn_concept
+    from excise.intervene.trainable import LoraFields, make_trainable
     from excise.locate.saliency import SaliencyConfig, score_units
     from excise.measure.unlearning import answer_logprobs, generate
     from excise.select import select
@@ -26,7 +27,7 @@ def test_smollm2_knows_and_masked_lora_forgets(smollm2):
     import copy
 
     model = copy.deepcopy(h.model)
-    ml = apply_masked_lora(model, mask, LoraConfigModel(r=4))
+    ml = make_trainable(model, "masked_lora", LoraFields(r=4), mask=mask).masked
     vh = copy.copy(h)
     vh.model = model
     unlearn_concept(vh, ml.model, sub, UnlearnSettings(objective="grad_ascent", steps=3, lr=2e-3, batch_size=2,

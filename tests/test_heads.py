@@ -128,7 +128,7 @@ def test_remove_restores_bit_identical(handles, fam):
     hook.remove()  # idempotent
     # all-ones scales register no hook at all
     with scale_heads(h, HeadScales.ones(h.anatomy)) as hk:
-        assert hk._handles == []
+        assert hk._trace._handles == []
         assert torch.equal(_out(h, batch), base)
 
 
@@ -189,5 +189,5 @@ def test_context_manager_applies_scales_once(handles):
     once = _out(h, batch)
     hook.remove()
     with scale_heads(h, s) as hk:
-        assert len(hk._handles) == 1
+        assert len(hk._trace._handles) == 1
         assert torch.equal(_out(h, batch), once)

@@ -92,11 +92,13 @@ def run_recipe(
     out: Optional[Path] = typer.Option(None, help="run directory (default: the recipe's `out`)"),
     force: bool = typer.Option(False, "--force", help="overwrite a run directory holding another config"),
     quick: bool = typer.Option(False, "--quick", help="the recipe's quick variant, where it has one"),
+    set_: list[str] = typer.Option([], "--set", help="dotted override, e.g. --set finetune.lora.r=16 "
+                                   "or --set stages.2.select.k=5 (repeatable; values are YAML)"),
 ) -> None:
     """Run a YAML recipe: `workflow:` picks the workflow, the other keys are its typed config."""
     from excise.recipes.loader import run_recipe_file
 
-    run_recipe_file(recipe, out=out, force=force, quick=quick, console=_console())
+    run_recipe_file(recipe, out=out, force=force, quick=quick, console=_console(), overrides=set_)
 
 
 def _validated(model_cls, data: dict, source: str = "command line"):

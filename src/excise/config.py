@@ -74,3 +74,45 @@ def load_yaml(path: str | Path) -> Any:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ExciseError(str(problem), where=f"{path}{line}") from None
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...], source: str = "--set") -> Any:
+    """Apply dotted ``key.path=value`` overrides (``finetune.lora.r=16``, ``stages.2.intervene.scale=0.5``).
+
+    Values are parsed as YAML (``16`` is an int, ``[Age, SES]`` a list, ``null`` None); list
+    items are addressed by index. A path through a missing mapping key creates it, so an override
+    can set a default the recipe leaves out; the typed config then validates the result.
+    """
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ExciseError(f"expected KEY.PATH=VALUE, got {item!r}", where=source)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ExciseError(f"cannot parse the value of {key!r} as YAML: {raw!r}", where=source) from None
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where_ = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ExciseError(f"{where_}: no list item {part!r} (the list has {len(node)})", where=source)
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ExciseError(f"{where_}: cannot set a key inside a {type(node).__name__}", where=source)
+    return data

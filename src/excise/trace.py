@@ -188,7 +188,8 @@ class Trace:
     >>> tr.cache["attn.3.z"].shape   # [B, H, d_head]
 
     ``cache`` holds the captures of the latest forward pass (set ``accumulate=True`` to
-    concatenate over passes along the batch axis). ``detach=False`` keeps the autograd graph
+    concatenate over passes along the batch axis; ``keep_passes=True`` keeps one cache per forward
+    call in ``passes``, e.g. a prompt pass and an option pass through its KV cache). ``detach=False`` keeps the autograd graph
     (for gradient-based localizers; call ``retain_grad()`` on what you need). Gradients reach a
     capture only with ``pool="all"``: a pooled copy is not on the path to the output.
     """
@@ -203,6 +204,7 @@ class Trace:
         detach: bool = True,
         to_cpu: bool = False,
         accumulate: bool = False,
+        keep_passes: bool = False,
     ) -> None:
         self.model = handle.model if hasattr(handle, "anatomy") else handle
         from excise.models.anatomy import Anatomy
@@ -228,7 +230,9 @@ class Trace:
         self.detach = detach
         self.to_cpu = to_cpu
         self.accumulate = accumulate
+        self.keep_passes = keep_passes
         self.cache: dict[str, torch.Tensor] = {}
+        self.passes: list[dict[str, torch.Tensor]] = []  # one cache per forward call (keep_passes=True)
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
         if any(s.kind == "attn.pattern" for s in self.capture_sites):
@@ -250,6 +254,8 @@ class Trace:
         if self.to_cpu and x.device.type != "cpu":
             x = x.to("cpu")  # blocking: a non-blocking D2H copy may be read before it lands
         key = site.name
+        if self.keep_passes and self.passes:
+            self.passes[-1][key] = x
         if self.accumulate and key in self.cache:
             if self.pool == "all" and self.cache[key].shape[1:] != x.shape[1:]:
                 raise ExciseError("accumulate=True with pool='all' needs equal sequence lengths; use pool='last' or 'mean'")
@@ -269,7 +275,7 @@ class Trace:
             return
         # the mask is read at the top model and again at the module holding the layers, so a call
         # to the inner model alone (or a VLM's language model) never pools with a stale mask
-        for m in dict.fromkeys([self.model, an.root]):
+        for m in dict.fromkeys([self.model, an.root]) if (self.capture_sites or self.keep_passes) else ():
             if isinstance(m, torch.nn.Module):
                 self._handles.append(m.register_forward_pre_hook(self._grab_mask, with_kwargs=True))
         for (kind, layer), todo in by_target.items():
@@ -288,6 +294,8 @@ class Trace:
                 self._handles.append(an.attn(layer).register_forward_hook(self._make_pattern_hook(site)))
 
     def _grab_mask(self, module, args, kwargs):
+        if self.keep_passes and module is self.model:
+            self.passes.append({})
         mask = kwargs.get("attention_mask")
         if mask is None and args:
             # attention_mask passed positionally: find it by the forward signature
@@ -344,9 +352,14 @@ class Trace:
         return hook
 
     # --- context manager ------------------------------------------------------------------
-    def __enter__(self) -> "Trace":
-        self._register()
+    def attach(self) -> "Trace":
+        """Register the hooks until :meth:`remove` (for edits that outlive a ``with`` block)."""
+        if not self._handles:
+            self._register()
         return self
+
+    def __enter__(self) -> "Trace":
+        return self.attach()
 
     def __exit__(self, *exc) -> None:
         self.remove()

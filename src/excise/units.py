@@ -73,3 +73,54 @@ class Scores:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         values: Any = tensors["values"] if list(tensors) == ["values"] else tensors
         return cls(kind=meta.get("kind", "head"), values=values, method=meta.get("method", ""))
+
+
+# --- moving between unit kinds ------------------------------------------------------------------
+# A head is the slice of the attention output projection's input that it writes (attn.L.z), a
+# neuron the matching input column of the MLP down-projection. These two maps make any
+# localizer usable by any intervention: parameter scores (Fisher, parameter difference) summed
+# into head or neuron scores, and head or neuron masks spread onto parameter masks (noise,
+# gradient masks).
+
+def _unit_weight(anatomy: Any, kind: str, layer: int) -> tuple[str, torch.Tensor, bool]:
+    """(parameter name, weight, transposed) of the projection whose input columns are the units."""
+    if kind == "head":
+        mod, transposed = anatomy.attn_out(layer), anatomy.spec.attn_out_transposed
+    elif kind == "neuron":
+        mod, transposed = anatomy.mlp_down(layer), anatomy.spec.mlp_down_transposed
+    else:
+        raise ExciseError(f"unit kind '{kind}' has no parameter slice; use head or neuron")
+    return anatomy.module_name(mod) + ".weight", mod.weight, transposed
+
+
+def aggregate_param_scores(scores: Scores, anatomy: Any, kind: str) -> Scores:
+    """Sum parameter scores over each head's (or neuron's) input columns -> [n_layers, n_units]."""
+    if kind == "param":
+        return scores
+    if not isinstance(scores.values, dict):
+        raise ExciseError(f"aggregate_param_scores needs parameter scores, got '{scores.kind}' scores")
+    width = anatomy.n_heads if kind == "head" else anatomy.d_mlp
+    out = torch.full((anatomy.n_layers, width), float("nan"))
+    for l in range(anatomy.n_layers):
+        name, _, transposed = _unit_weight(anatomy, kind, l)
+        v = scores.values.get(name)
+        if v is None:
+            continue
+        cols = (v if transposed else v.T).float().reshape(width, -1, v.shape[1] if transposed else v.shape[0])
+        out[l] = cols.sum(dim=(1, 2))
+    return Scores(kind, out, method=f"{scores.method}->{kind}", meta=dict(scores.meta))
+
+
+def unit_param_masks(anatomy: Any, kind: str, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spread a head or neuron mask [n_layers, n_units] onto 0/1 masks of the projection weights."""
+    mask = torch.as_tensor(mask).bool()
+    width = anatomy.n_heads if kind == "head" else anatomy.d_mlp
+    if tuple(mask.shape) != (anatomy.n_layers, width):
+        raise ExciseError(f"{kind} mask of shape {tuple(mask.shape)} does not fit the model ({anatomy.n_layers}, {width})")
+    out = {}
+    for l in range(anatomy.n_layers):
+        name, w, transposed = _unit_weight(anatomy, kind, l)
+        per = (w.shape[0] if transposed else w.shape[1]) // width
+        cols = mask[l].repeat_interleave(per).to(torch.float32)
+        out[name] = (cols[:, None].expand(w.shape) if transposed else cols[None, :].expand(w.shape)).clone()
+    return out

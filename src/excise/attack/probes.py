@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from excise.errors import ExciseError
+from excise.measure.stats import wilson
+from excise.measure.unlearning import generate
 
 
 def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int = 16, keep_forget_all: bool = False
            ) -> tuple[Any, dict, dict[str, list[str]]]:
     """Return (filtered spec, kept report, base generations keyed like ``spec.probe_sets()`` + ``retain``)."""
-    from excise.measure.unlearning import generate
-
     sets = {"forget": spec.forget, "paraphrases": spec.paraphrases, "adversarial": spec.adversarial, "retain": spec.retain}
     gens: dict[str, list[str]] = {}
     keep: dict[str, list[bool]] = {}
@@ -65,9 +65,6 @@ def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int 
 
 def leak_by_family(handle: Any, spec: Any, *, model: Any = None, max_new_tokens: int = 24) -> dict[str, Any]:
     """Leak rate (Wilson CI) per probe family of a model state, without the other measures."""
-    from excise.measure.stats import wilson
-    from excise.measure.unlearning import generate
-
     out = {}
     for fam, items in spec.probe_sets().items():
         gens = generate(handle, items, max_new_tokens=max_new_tokens, model=model)

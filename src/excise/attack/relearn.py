@@ -2,9 +2,10 @@
 
 Why: unlearning that only hides knowledge comes back after a few gradient steps on the very
 facts that were removed (Lynch et al., 2024; Deeb & Roger, 2024); the number of steps it takes
-is a robustness measure. Generic: any model, any batches, any scalar check; the loop is
-:func:`excise.intervene.unlearn_methods.train_loop` (accelerate). Full fine-tuning by default
-(the attacker holds the weights): pass a merged copy of an adapter model.
+is a robustness measure. Generic: any model, any batches, any scalar check; the model is made
+trainable by :func:`excise.intervene.trainable.make_trainable` and trained by
+:func:`excise.train.train` (accelerate). Full fine-tuning by default (the attacker holds the
+weights): pass a merged copy of an adapter model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, Field
+
+from excise.intervene.trainable import LoraFields, make_trainable
+from excise.intervene.unlearn import nll
+from excise.train import TrainConfig, train
 
 
 class RelearnConfig(BaseModel):
@@ -22,7 +27,9 @@ class RelearnConfig(BaseModel):
     lr: float = Field(3e-5, gt=0, description="AdamW learning rate (full fine-tuning)")
     eval_every: int = Field(3, ge=1, description="run the check every this many steps")
     threshold: float = Field(0.5, ge=0, le=1, description="the concept is back when the check reaches this value")
-    mode: Literal["full", "lora"] = Field("full", description="full: every weight is trainable; lora: only an adapter (rank 8 on all linear layers)")
+    mode: Literal["full", "lora"] = Field("full", description="full: every weight is trainable; lora: only an adapter")
+    lora: LoraFields = Field(default_factory=lambda: LoraFields(target_modules="all-linear"),
+                             description="the adapter of mode=lora (peft LoraConfig fields; default: all linear layers)")
 
 
 def relearn(model: Any, batches: Sequence[dict], check: Callable[[Any], float], cfg: RelearnConfig | None = None,
@@ -33,17 +40,8 @@ def relearn(model: Any, batches: Sequence[dict], check: Callable[[Any], float], 
     step 0 is the unlearned model before any attack. ``steps_to_return`` is None when the
     concept did not come back within ``cfg.steps`` (reported as "> steps", never as 0).
     """
-    from excise.intervene.unlearn import nll
-    from excise.intervene.unlearn_methods import train_loop
-
     cfg = cfg or RelearnConfig()
-    if cfg.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    model = make_trainable(model, cfg.mode, cfg.lora).model
     loss_fn = loss_fn or (lambda m, b: nll(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]))
     curve = [{"step": 0, "value": float(check(model)), "loss": None}]
     state = {"back": curve[0]["value"] >= cfg.threshold}
@@ -64,15 +62,9 @@ def relearn(model: Any, batches: Sequence[dict], check: Callable[[Any], float], 
                 return True
         return False
 
-    def stream():
-        i = 0
-        while True:
-            yield batches[i % len(batches)]
-            i += 1
-
     if not state["back"]:
-        train_loop(model, stream(), wrapped, steps=cfg.steps, lr=cfg.lr, on_step=on_step, progress=progress,
-                   desc="relearn")
+        train(model, lambda step: batches[step % len(batches)], wrapped, TrainConfig(steps=cfg.steps, lr=cfg.lr),
+              on_step=on_step, progress=progress, desc="relearn")
     back = next((c["step"] for c in curve if c["value"] >= cfg.threshold), None)
     return {"curve": curve, "steps_to_return": back, "threshold": cfg.threshold, "max_steps": cfg.steps,
             "mode": cfg.mode}

@@ -23,7 +23,9 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.lm import lm_batch
 from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, train_items
+from excise.train import TrainConfig, train
 
 
 class RelearnConfig(BaseModel):
@@ -74,7 +76,7 @@ def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Seque
     """Run the attack for every learning rate on a fresh copy of ``model``; the model itself is untouched."""
     import torch
 
-    from excise.intervene.unlearn_methods import cycle, lm_batch, train_loop
+    from excise.intervene.unlearn_methods import cycle
     from excise.measure.arithmetic import accuracy_by_op
 
     data = attack_items(cfg.data, cfg.n_items, cfg.seed, items=items)
@@ -100,7 +102,9 @@ def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Seque
                 curve.append({"step": step, **evaluate(mm)})
             return False
 
-        train_loop(m, batches(), lambda mm, b: mm(**b).loss, steps=cfg.steps, lr=lr, on_step=on_step, desc="relearn")
+        train(m, batches(), lambda mm, b: mm(**b).loss,
+              TrainConfig(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed), on_step=on_step,
+              desc="relearn")
         per_lr.append({"lr": lr, "curve": curve, **curve_summary(curve)})
         del m
     worst = max(per_lr, key=lambda r: r["auc"])

@@ -1,4 +1,5 @@
-"""`excise bbq ...`: the BBQ bias workflow on the command line (a thin layer over excise.measure.bbq).
+"""`excise bbq ...`: the BBQ bias workflow on the command line (a thin layer over excise.recipes.bbq_eval
+and excise.recipes.bbq_debias).
 
 Nothing heavy is imported at module level, so `excise --help` stays fast.
 """
@@ -46,7 +47,7 @@ def eval_(
 ) -> None:
     """Score a model on BBQ: accuracy and bias scores (s_AMB, s_DIS) per category with 95% CIs."""
     from excise.config import validate
-    from excise.measure.bbq import _eval_config_cls, run_eval
+    from excise.recipes.bbq_eval import BBQEvalConfig, run_eval
 
     data = dict(model=model, per_category=per_category or None, scoring=scoring, seed=seed, batch_size=batch_size,
                 normalize=normalize, n_boot=n_boot, data_dir=str(data_dir) if data_dir else None,
@@ -55,7 +56,7 @@ def eval_(
     cats = _split_categories(categories)
     if cats is not None:
         data["categories"] = cats
-    cfg = validate(_eval_config_cls(), data, "command line")
+    cfg = validate(BBQEvalConfig, data, "command line")
     from excise.tasks.bbq import _check_categories
 
     _check_categories(cfg.categories)
@@ -74,7 +75,7 @@ def score(
     data_dir: Optional[Path] = typer.Option(None, help="BBQ data directory for additional_metadata.csv (default: packaged)"),
 ) -> None:
     """Bias scores for predictions from any source (an API model, another harness)."""
-    from excise.measure.bbq import run_score
+    from excise.recipes.bbq_eval import run_score
 
     con = _console()
     res = run_score(predictions, out, n_boot=n_boot, seed=seed, lenient=not strict, data_dir=data_dir, console=con)

@@ -1,1 +1,6 @@
-"""Interventions: reversible ones are hooks or adapters; permanent ones edit weights in place."""
+"""Interventions: one module per method, each registered in ``INTERVENTIONS``; (handle, mask) -> new handle."""
+
+from excise.intervene import heads  # noqa: F401  (registration)
+from excise.intervene.base import INTERVENTIONS, Intervention, check_mask
+
+__all__ = ["INTERVENTIONS", "Intervention", "check_mask"]

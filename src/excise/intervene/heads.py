@@ -11,9 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import copy
+
 import torch
+from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.locate.base import LocateData
+from excise.trace import Edit, Trace
 
 
 class HeadScales:
@@ -84,39 +90,22 @@ class HeadScales:
 
 
 class HeadScaleHook:
-    """Reversible soft pruning: a forward pre-hook on each affected attention output projection."""
+    """Reversible soft pruning: a ``Trace`` scale edit at each affected ``attn.L.z`` site."""
 
     def __init__(self, handle: Any, scales: HeadScales):
         self.anatomy = handle.anatomy
         scales.check(self.anatomy)
         self.scales = scales
-        self._handles: list[Any] = []
+        edits = [Edit(f"attn.{l}.z", "scale", value=scales.values[l].clone())
+                 for l in range(self.anatomy.n_layers) if not torch.all(scales.values[l] == 1.0)]
+        self._trace = Trace(handle, edits=edits)
 
     def attach(self) -> "HeadScaleHook":
-        if self._handles:  # already attached (``with scale_heads(...)`` enters an attached hook)
-            return self
-        an = self.anatomy
-        for l in range(an.n_layers):
-            s = self.scales.values[l]
-            if torch.all(s == 1.0):
-                continue
-            self._handles.append(an.attn_out(l).register_forward_pre_hook(self._hook(s, an.n_heads, an.head_dim)))
+        self._trace.attach()  # attaching twice is a no-op (``with scale_heads(...)`` enters an attached hook)
         return self
 
-    @staticmethod
-    def _hook(s: torch.Tensor, n_heads: int, head_dim: int):
-        expanded = s.repeat_interleave(head_dim)  # [H * Dh]
-
-        def hook(module, args):
-            x = args[0]
-            return (x * expanded.to(device=x.device, dtype=x.dtype), *args[1:])
-
-        return hook
-
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._trace.remove()
 
     def __enter__(self) -> "HeadScaleHook":
         return self.attach()
@@ -149,3 +138,30 @@ def bake_head_scales(handle: Any, scales: HeadScales) -> None:
             w.mul_(expanded.view(-1, 1))
         else:
             w.mul_(expanded.view(1, -1))
+
+
+class HeadScaleConfig(BaseModel):
+    """Settings of head soft-pruning."""
+
+    model_config = {"extra": "forbid"}
+    scale: float = Field(0.0, ge=0, description="multiplier of each selected head's output (0 removes it)")
+
+
+@INTERVENTIONS.register
+class HeadScale:
+    """Soft-prune the selected heads: scale their columns of the attention output projection (a copy)."""
+
+    name = "head_scale"
+    Config = HeadScaleConfig
+    accepts = ("head",)
+
+    def __init__(self, config: HeadScaleConfig):
+        self.config = config
+
+    def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
+        check_mask(self, mask)
+        new = handle.with_model(copy.deepcopy(handle.model))
+        scales = HeadScales.from_mask(mask, scale=self.config.scale)
+        bake_head_scales(new, scales)
+        new.extra["head_scales"] = scales
+        return new

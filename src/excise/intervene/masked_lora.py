@@ -15,7 +15,8 @@ Because the mask lives in the values of ``A`` (not in a wrapper), the adapter is
 adapter: ``save`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` (loadable by
 ``PeftModel.from_pretrained`` without excise) and ``unit_mask.safetensors`` beside them; ``load``
 re-checks that the saved ``A`` respects the mask and re-arms the hooks. peft's merge and unload
-work unchanged.
+work unchanged. The adapter is built by :func:`excise.intervene.trainable.make_trainable`
+(``method="masked_lora"``); :func:`all_units` gives the unmasked (plain LoRA) baseline's mask.
 """
 
 from __future__ import annotations
@@ -25,20 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from excise.errors import ExciseError
+from excise.train import TrainConfig, train
 
 MASK_FILE = "unit_mask.safetensors"
-
-
-class LoraConfigModel(BaseModel):
-    """Adapter settings; defaults follow peft / Hu et al. (2021) except the higher rank scale."""
-
-    model_config = {"extra": "forbid"}
-    r: int = Field(8, ge=1, description="adapter rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha (update scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="adapter dropout (0 keeps runs deterministic)")
 
 
 def target_module(anatomy: Any, kind: str, layer: int) -> Any:
@@ -58,7 +51,7 @@ def column_mask(anatomy: Any, kind: str, unit_mask_row: torch.Tensor) -> torch.T
     return row
 
 
-def _module_names(model: Any, anatomy: Any, kind: str, layers: list[int]) -> dict[str, int]:
+def module_names(model: Any, anatomy: Any, kind: str, layers: list[int]) -> dict[str, int]:
     names = {}
     for l in layers:
         mod = target_module(anatomy, kind, l)
@@ -69,7 +62,7 @@ def _module_names(model: Any, anatomy: Any, kind: str, layers: list[int]) -> dic
     return names
 
 
-def _arm(peft_model: Any, col_masks: dict[str, torch.Tensor]) -> list[Any]:
+def arm(peft_model: Any, col_masks: dict[str, torch.Tensor]) -> list[Any]:
     """Zero masked-out columns of every lora_A and zero their gradients from now on."""
     hooks = []
     found = set()
@@ -154,52 +147,29 @@ class MaskedLora:
 
     def merge_and_unload(self) -> Any:
         """Bake the update into the base weights (peft) and return the plain model."""
-        self._remove_hooks()
+        self.remove_hooks()
         return self.model.merge_and_unload()
 
     def unload(self) -> Any:
         """Remove the adapter and return the untouched base model (peft)."""
-        self._remove_hooks()
+        self.remove_hooks()
         return self.model.unload()
 
-    def _remove_hooks(self) -> None:
+    def remove_hooks(self) -> None:
+        """Stop zeroing the masked-out gradients (after training; the adapter's values keep the mask)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
 
-def apply_masked_lora(model: Any, mask: Any, cfg: LoraConfigModel | None = None, *, seed: int = 0) -> MaskedLora:
-    """Wrap ``model`` (a transformers model; modified in place by peft) in a masked LoRA."""
-    from peft import LoraConfig, get_peft_model
-
-    from excise.models.anatomy import Anatomy
-
-    cfg = cfg or LoraConfigModel()
-    if mask.kind not in ("neuron", "head"):
-        raise ExciseError(f"masked LoRA acts on neuron or head masks, got '{mask.kind}'")
-    an = Anatomy.of(model)
-    layers = [l for l in range(mask.values.shape[0]) if bool(mask.values[l].any())]
-    if not layers:
-        raise ExciseError("the mask selects no unit: nothing to adapt")
-    names = _module_names(model, an, mask.kind, layers)
-    col_masks = {n: column_mask(an, mask.kind, mask.values[l]).cpu() for n, l in names.items()}
-    torch.manual_seed(seed)
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(names),
-                      bias="none", init_lora_weights=True,
-                      fan_in_fan_out=bool(an.spec.mlp_down_transposed if mask.kind == "neuron" else an.spec.attn_out_transposed))
-    peft_model = get_peft_model(model, lcfg)
-    hooks = _arm(peft_model, col_masks)
-    return MaskedLora(peft_model, mask, col_masks, hooks)
-
-
-def apply_plain_lora(model: Any, kind: str, cfg: LoraConfigModel | None = None, *, seed: int = 0) -> MaskedLora:
-    """The unmasked baseline: the same LoRA on the same module type in every layer, all columns free."""
+def all_units(model: Any, kind: str) -> Any:
+    """A mask selecting every unit of ``kind`` in every layer: the unmasked (plain LoRA) baseline."""
     from excise.models.anatomy import Anatomy
     from excise.select import Mask
 
     an = Anatomy.of(model)
     width = an.d_mlp if kind == "neuron" else an.n_heads
-    return apply_masked_lora(model, Mask(kind, torch.ones(an.n_layers, width, dtype=torch.bool)), cfg, seed=seed)
+    return Mask(kind, torch.ones(an.n_layers, width, dtype=torch.bool))
 
 
 def load_masked_lora(model: Any, directory: str | Path, *, trainable: bool = False) -> MaskedLora:
@@ -229,7 +199,7 @@ def load_masked_lora(model: Any, directory: str | Path, *, trainable: bool = Fal
             if w[:, ~col_masks[key].to(w.device)].abs().max() > 0 if (~col_masks[key]).any() else False:
                 raise ExciseError(f"adapter in {directory} updates units outside its mask (module {key})")
     if trainable:
-        ml._hooks = _arm(peft_model, col_masks)
+        ml._hooks = arm(peft_model, col_masks)
     return ml
 
 
@@ -240,8 +210,8 @@ def adapter_summary(directory: str | Path) -> dict:
 
 # --- concept unlearning objectives ---------------------------------------------------------
 
-class UnlearnSettings(BaseModel):
-    """One unlearning run on a concept spec (forget items + retain items)."""
+class UnlearnSettings(TrainConfig):
+    """One unlearning run on a concept spec (forget items + retain items); loop settings from :class:`TrainConfig`."""
 
     model_config = {"extra": "forbid"}
     objective: Literal["grad_ascent", "idk", "npo"] = Field(
@@ -255,8 +225,6 @@ class UnlearnSettings(BaseModel):
         "response", description="positions the retain KL averages over: those predicting the response tokens (where "
                                 "the facts are), or every real token (dominated by the shared chat template)")
     npo_beta: float = Field(0.1, gt=0, description="NPO inverse temperature (Zhang et al., 2024)")
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
-    seed: int = Field(0, description="seed of the batch order")
 
 
 def _chunks(items: list, size: int, seed: int) -> list[list]:
@@ -324,21 +292,14 @@ def concept_loss(model: Any, batch: dict, cfg: UnlearnSettings) -> torch.Tensor:
 
 
 def unlearn_concept(handle: Any, model: Any, spec: Any, cfg: UnlearnSettings | None = None, *,
-                    progress: bool = False, batches: list[dict] | None = None) -> list[dict]:
+                    progress: bool = False, batches: list[dict] | None = None,
+                    checkpoint_dir: str | Path | None = None) -> list[dict]:
     """Train ``model``'s trainable parameters (a LoRA, a masked LoRA, or all weights) to forget the concept.
 
-    Goes through :func:`excise.intervene.unlearn_methods.train_loop` (accelerate). Returns the per-step log.
+    Goes through :func:`excise.train.train` (accelerate), cycling the fixed batches. Returns the per-step log.
     """
-    from excise.intervene.unlearn_methods import train_loop
-
     cfg = cfg or UnlearnSettings()
     batches = batches if batches is not None else concept_batches(handle, spec, cfg, model)
-
-    def stream():
-        i = 0
-        while True:
-            yield batches[i % len(batches)]
-            i += 1
-
-    return train_loop(model, stream(), lambda m, b: concept_loss(m, b, cfg), steps=cfg.steps, lr=cfg.lr,
-                      max_grad_norm=cfg.max_grad_norm, progress=progress, desc=f"unlearn[{cfg.objective}]")
+    res = train(model, lambda step: batches[step % len(batches)], lambda m, b: concept_loss(m, b, cfg), cfg,
+                checkpoint_dir=checkpoint_dir, progress=progress, desc=f"unlearn[{cfg.objective}]")
+    return res.log

@@ -18,11 +18,14 @@ Defaults: beta = 0.1 as in the reference code's runs; alpha is the compute/robus
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.lm import lm_batch
+from excise.train import TrainConfig, train
 
 
 class NoiseConfig(BaseModel):
@@ -100,7 +103,7 @@ class DistillConfig(BaseModel):
 
 def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg: DistillConfig, *,
             retain_check: Callable[[Any], float] | None = None, teacher_retain: float | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False, checkpoint_dir: str | Path | None = None) -> dict:
     """Distill ``teacher`` into ``student`` (in place) on an endless stream of mixed items.
 
     ``retain_check(model) -> accuracy`` drives early stopping against ``teacher_retain``.
@@ -110,7 +113,6 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
     import torch
 
     from excise.intervene.unlearn import kl_to_ref
-    from excise.intervene.unlearn_methods import lm_batch, train_loop
 
     if (retain_check is None) != (teacher_retain is None):
         raise ExciseError("distill: give both retain_check and teacher_retain, or neither")
@@ -146,8 +148,10 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
 
     log: list[dict] = []
     if not state["reached"] and cfg.max_steps:
-        log = train_loop(student, batches(), loss_fn, steps=cfg.max_steps, lr=cfg.lr, warmup=cfg.warmup,
-                         schedule="constant", progress=progress, desc="distill", on_step=on_step)
+        tcfg = TrainConfig(steps=cfg.max_steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size,
+                           seed=cfg.seed)
+        log = train(student, batches(), loss_fn, tcfg, checkpoint_dir=checkpoint_dir, progress=progress, desc="distill",
+                    on_step=on_step).log
     n_params = sum(p.numel() for p in student.parameters())
     tokens = sum(r["tokens"] for r in log)
     return {"steps": len(log), "tokens": tokens, "flops": 6.0 * n_params * tokens, "reached": state["reached"],

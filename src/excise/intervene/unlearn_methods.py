@@ -1,8 +1,7 @@
 """Unlearning training loops (GradAscent, GradDiff, MaxEnt, NPO, RMU) on the shared losses.
 
-The losses live in :mod:`excise.intervene.unlearn`; this module only feeds them batches and
-steps an optimizer. Every loop goes through ``accelerate.Accelerator`` (:func:`train_loop`), so
-``accelerate launch`` scales it; pretraining, distillation and relearning reuse the same loop.
+The losses live in :mod:`excise.intervene.unlearn`; this module only feeds them batches; the
+optimizer steps in :func:`excise.train.train` (accelerate), the loop every trainer shares.
 
 Defaults per method (documented in :class:`UnlearnConfig`) follow the sources named in
 :mod:`excise.intervene.unlearn`, scaled to the step counts a small model needs: GradAscent has
@@ -14,86 +13,16 @@ with weight ``alpha`` = 100 (WMDP), updating only that layer's MLP (WMDP's choic
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.lm import lm_batch
+from excise.train import TrainConfig, train
 
 METHODS = ("grad_ascent", "grad_diff", "maxent", "npo", "rmu")
-
-
-# --- shared loop --------------------------------------------------------------------------
-
-def lm_batch(tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None,
-             prompts: Sequence[str] | None = None) -> dict:
-    """Right-padded batch with HF-style labels (-100 on pads; on prompt tokens too when ``prompts`` given)."""
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right",
-                    truncation=max_length is not None, max_length=max_length, add_special_tokens=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    labels = ids.masked_fill(mask == 0, -100)
-    if prompts is not None:
-        for i, p in enumerate(prompts):
-            n = len(tokenizer(p, return_tensors="pt", padding=False, add_special_tokens=True)["input_ids"][0])
-            labels[i, :n] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def train_loop(model: Any, batches: Iterator[dict], loss_fn: Callable[[Any, dict], Any], *, steps: int, lr: float,
-               warmup: int = 0, weight_decay: float = 0.0, schedule: Literal["constant", "cosine", "linear"] = "constant",
-               max_grad_norm: float = 1.0, params: Iterable[Any] | None = None, progress: bool = False, desc: str = "train",
-               on_step: Callable[[int, Any], bool] | None = None) -> list[dict]:
-    """Run ``steps`` AdamW steps of ``loss_fn(model, batch)`` through ``accelerate``.
-
-    ``on_step(step, model)`` is called after each step (1-based) and may return True to stop
-    early (distillation uses it). Returns one log row per step: loss, tokens (real tokens in
-    the batch), seconds.
-    """
-    import torch
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
-    if steps < 0:
-        raise ExciseError(f"steps must be >= 0, got {steps}")
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    sched = get_scheduler(schedule if schedule != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=warmup, num_training_steps=max(steps, 1))
-    model, opt, sched = acc.prepare(model, opt, sched)
-    model.train()
-    log: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        batch = {k: (v.to(acc.device) if hasattr(v, "to") else v) for k, v in next(batches).items()}
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise ExciseError(f"{desc}: loss became {float(loss)} at step {step}; lower the learning rate")
-        acc.backward(loss)
-        if max_grad_norm:
-            acc.clip_grad_norm_(trainable, max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-        tokens += int(batch["retain_attention_mask"].sum()) if "retain_attention_mask" in batch else 0
-        log.append({"step": step, "loss": float(loss.detach()), "tokens": tokens, "seconds": round(time.time() - t0, 3)})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
-        if on_step is not None and on_step(step, acc.unwrap_model(model)):
-            break
-    if bar is not None:
-        bar.close()
-    model = acc.unwrap_model(model)
-    model.eval()
-    return log
 
 
 # --- unlearning ---------------------------------------------------------------------------
@@ -154,8 +83,11 @@ def _middle_layer(model: Any) -> int:
 
 
 def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[Any] | None, cfg: UnlearnConfig,
-            *, progress: bool = False) -> list[dict]:
-    """Unlearn in place; ``forget``/``retain`` are endless item streams (objects with ``prompt`` and ``text``)."""
+            *, progress: bool = False, checkpoint_dir: str | Path | None = None) -> list[dict]:
+    """Unlearn in place; ``forget``/``retain`` are endless item streams (objects with ``prompt`` and ``text``).
+
+    Trains through :func:`excise.train.train`; returns its per-step log (step, loss, lr, tokens, seconds).
+    """
     import copy
 
     import torch
@@ -223,5 +155,6 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
             return L.rmu(fa, ra, fra, control, alpha=cfg.rmu_alpha, forget_mask=b["attention_mask"],
                          retain_mask=b["retain_attention_mask"])
 
-    return train_loop(model, batches, loss_fn, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, params=params,
-                      progress=progress, desc=f"unlearn {cfg.method}")
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)
+    return train(model, batches, loss_fn, tcfg, params=params, checkpoint_dir=checkpoint_dir, progress=progress,
+                 desc=f"unlearn {cfg.method}").log

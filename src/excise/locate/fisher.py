@@ -7,10 +7,14 @@ Feed the scores to :func:`excise.locate.paramdiff.param_masks` for a noise mask.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from excise.errors import ExciseError
-from excise.units import Scores
+from excise.lm import lm_batch
+from pydantic import BaseModel, Field
+
+from excise.locate.base import LOCALIZERS, LocateData
+from excise.units import Scores, aggregate_param_scores
 
 
 def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_size: int = 16,
@@ -19,7 +23,6 @@ def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_siz
     import torch
 
     from excise.intervene.unlearn import nll
-    from excise.intervene.unlearn_methods import lm_batch
 
     if not items:
         raise ExciseError("fisher_scores needs at least one forget item")
@@ -45,3 +48,39 @@ def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_siz
         model.train()
     return Scores(kind="param", values={n: v / n_batches for n, v in acc.items()}, method="fisher",
                   meta={"n_items": len(items), "n_batches": n_batches})
+
+
+class FisherConfig(BaseModel):
+    """Settings of the Fisher localizer."""
+
+    model_config = {"extra": "forbid"}
+    unit: Literal["param", "head", "neuron"] = Field(
+        "param", description="param: one score per weight; head/neuron: summed over each unit's input columns")
+    batch_size: int = Field(16, ge=1, description="forget examples per backward pass")
+    loss_on: Literal["all", "answer"] = Field("answer", description="tokens the forget NLL counts: all, or the response")
+
+
+@LOCALIZERS.register
+class FisherLocalizer:
+    """Empirical Fisher diagonal of the forget NLL: where the forget data's likelihood is most sensitive."""
+
+    name = "fisher"
+    Config = FisherConfig
+    needs = ("forget",)
+
+    def __init__(self, config: FisherConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        data.require(self.needs, self.name)
+        model = handle.model
+        req = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(True)
+        try:
+            sc = fisher_scores(model, handle.tokenizer, list(data.forget), batch_size=self.config.batch_size,
+                               loss_on=self.config.loss_on)
+        finally:
+            for p, r in zip(model.parameters(), req):
+                p.requires_grad_(r)
+        return aggregate_param_scores(sc, handle.anatomy, self.config.unit)

@@ -31,6 +31,9 @@ import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.lm import choice_logprobs
+from excise.locate.base import LOCALIZERS, LocateData
+from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 from excise.units import Scores
 
 
@@ -115,9 +118,6 @@ class _ZGrad:
 
 def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndarray]:
     """Biased log-odds [N], head activity [N, L, H] and grad.z (first-order drop when ablated) [N, L, H]."""
-    from excise.intervene.lora import choice_logprobs
-    from excise.measure.bbq import loglik_options, loglik_prompt
-
     an = handle.anatomy
     L, H, D = an.n_layers, an.n_heads, an.head_dim
     model = handle.model
@@ -158,9 +158,6 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
 
 def mean_logodds(handle: Any, items: Sequence[Any], batch_size: int = 8) -> np.ndarray:
     """Biased log-odds per item [N] under whatever hooks are attached (no gradients)."""
-    from excise.intervene.lora import choice_logprobs
-    from excise.measure.bbq import loglik_options, loglik_prompt
-
     out = []
     with torch.inference_mode():
         for s in range(0, len(items), batch_size):
@@ -304,3 +301,19 @@ def save_attribution(att: HeadAttribution, directory: Any, *, title: str = "") -
                 center=0.0, colorbar_label=label)
         files.append(name)
     return files
+
+
+@LOCALIZERS.register
+class HeadLocalizer:
+    """BBQ head attribution: heads whose ablation lowers the biased-answer log-odds (measured on candidates)."""
+
+    name = "heads"
+    Config = HeadAttributionConfig
+    needs = ("items",)
+
+    def __init__(self, config: HeadAttributionConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        data.require(self.needs, self.name)
+        return attribute_heads(handle, list(data.items), self.config).scores

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any, Literal, Mapping
 
 from excise.errors import ExciseError
-from excise.units import Scores
+from pydantic import BaseModel, Field
+
+from excise.locate.base import LOCALIZERS, LocateData
+from excise.units import Scores, aggregate_param_scores
 
 
 def param_diff_scores(base: Any, unlearned: Any) -> Scores:
@@ -72,3 +75,28 @@ def mask_summary(masks: Mapping[str, Any], model: Any) -> dict:
     total = sum(p.numel() for p in model.parameters())
     covered = sum(float(m.sum()) for m in masks.values())
     return {"n_tensors": len(masks), "covered_fraction": covered / max(total, 1)}
+
+
+class ParamDiffConfig(BaseModel):
+    """Settings of the parameter-difference localizer."""
+
+    model_config = {"extra": "forbid"}
+    unit: Literal["param", "head", "neuron"] = Field(
+        "param", description="param: one score per weight; head/neuron: summed over each unit's input columns")
+
+
+@LOCALIZERS.register
+class ParamDiffLocalizer:
+    """|theta_reference - theta|: where another version of the model (e.g. an unlearned one) moved the weights."""
+
+    name = "paramdiff"
+    Config = ParamDiffConfig
+    needs = ("reference",)
+
+    def __init__(self, config: ParamDiffConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        data.require(self.needs, self.name)
+        sc = param_diff_scores(handle.model, data.reference.model)
+        return aggregate_param_scores(sc, handle.anatomy, self.config.unit)

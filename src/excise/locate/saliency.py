@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.locate.base import LOCALIZERS, LocateData
 from excise.units import Scores
 
 METHODS = ("saliency", "fisher", "activation")
@@ -158,3 +159,53 @@ def random_mask_like(mask: Any, seed: int = 0) -> Any:
         if k:
             out[l, torch.randperm(mask.values.shape[1], generator=g)[:k]] = True
     return Mask(kind=mask.kind, values=out)
+
+
+class SaliencyLocalizerConfig(SaliencyConfig):
+    """Saliency settings plus the unit kind to return."""
+
+    unit: Literal["neuron", "head"] = Field("neuron", description="neuron: MLP hidden units; head: attention heads")
+
+
+@LOCALIZERS.register
+class SaliencyLocalizer:
+    """Gradient saliency (or Fisher / activation trace) of the forget responses at neurons or heads."""
+
+    name = "saliency"
+    Config = SaliencyLocalizerConfig
+    needs = ("forget",)
+
+    def __init__(self, config: SaliencyLocalizerConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        data.require(self.needs + (("retain",) if self.config.contrast == "difference" else ()), self.name)
+        cfg = SaliencyConfig(**self.config.model_dump(exclude={"unit"}))
+        return score_units(handle, list(data.forget), list(data.retain), cfg)[self.config.unit]
+
+
+class RandomConfig(BaseModel):
+    """Settings of the random control."""
+
+    model_config = {"extra": "forbid"}
+    unit: Literal["neuron", "head"] = Field("neuron", description="unit kind to score")
+    seed: int = Field(0, description="seed of the uniform scores")
+
+
+@LOCALIZERS.register
+class RandomLocalizer:
+    """Uniform random scores: the control every localizer is compared with (random units of equal count)."""
+
+    name = "random"
+    Config = RandomConfig
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, config: RandomConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        an = handle.anatomy
+        width = an.n_heads if self.config.unit == "head" else an.d_mlp
+        g = torch.Generator().manual_seed(self.config.seed)
+        return Scores(self.config.unit, torch.rand((an.n_layers, width), generator=g), method="random",
+                      meta={"seed": self.config.seed})

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.lm import lm_batch
+from excise.locate.base import LOCALIZERS, LocateData
 from excise.units import Scores
 
 
@@ -74,7 +76,6 @@ def mlp_activations(handle: Any, tokenizer: Any, items: Sequence[Any], layers: S
     """``mlp.L.hidden`` at every real token of the items' full texts: {layer: [n_tokens, d_mlp]}."""
     import torch
 
-    from excise.intervene.unlearn_methods import lm_batch
     from excise.trace import Trace
 
     sites = [f"mlp.{l}.hidden" for l in layers]
@@ -152,3 +153,19 @@ def neuron_param_masks(model: Any, neuron_mask: Any) -> dict[str, Any]:
             m[:, nm[l].bool()] = 1.0
         masks[name] = m
     return masks
+
+
+@LOCALIZERS.register
+class SNMFLocalizer:
+    """Semi-NMF features of MLP activations that separate forget from retain text, scored onto neurons."""
+
+    name = "snmf"
+    Config = SNMFConfig
+    needs = ("forget", "retain")
+
+    def __init__(self, config: SNMFConfig):
+        self.config = config
+
+    def score(self, handle: Any, data: LocateData) -> Scores:
+        data.require(self.needs, self.name)
+        return snmf_scores(handle, handle.tokenizer, list(data.forget), list(data.retain), self.config)

@@ -13,80 +13,49 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from excise.models.load import add_special_tokens_for
+from excise import lm
 from excise.measure.stats import Estimate, bootstrap, mean_ci, wilson
+from excise.tasks.concepts import format_prompt
 
 
 def generate(handle: Any, items: Sequence[Any], *, max_new_tokens: int = 24, batch_size: int = 16,
              model: Any = None) -> list[str]:
-    """Greedy continuations (left padding so every prompt ends at the same position)."""
-    import torch
-
-    from excise.tasks.concepts import format_prompt
-
-    model = model if model is not None else handle.model
-    tok = handle.tokenizer
-    out: list[str] = []
-    was_training = model.training
-    model.eval()
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        texts = [format_prompt(handle, it) for it in chunk]
-        specials = add_special_tokens_for(texts)
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=specials)
-        enc = {k: v.to(handle.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=getattr(tok, "eos_token_id", None))
-        T = enc["input_ids"].shape[1]
-        out += [tok.decode(g[T:], skip_special_tokens=True) for g in gen]
-    if was_training:
-        model.train()
-    return out
+    """Greedy continuations of the items' prompts (:func:`excise.lm.generate`)."""
+    return lm.generate(handle, [format_prompt(handle, it) for it in items], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, model=model)
 
 
 def answer_logprobs(handle: Any, items: Sequence[Any], *, batch_size: int = 16, model: Any = None,
                     responses: Sequence[str] | None = None) -> list[dict]:
-    """Per item: summed and per-token log-probability of its target response, teacher-forced."""
-    import torch
-
-    from excise.intervene.unlearn import sequence_logprob
-    from excise.tasks.concepts import encode_items
-
-    model = model if model is not None else handle.model
+    """Per item: summed and per-token log-probability of its target response after its prompt,
+    teacher-forced (:func:`excise.lm.loglikelihood`)."""
+    reqs = [lm.LoglikRequest(format_prompt(handle, it), (responses[i] if responses is not None else it.target(),))
+            for i, it in enumerate(items)]
+    lps = lm.loglikelihood(handle, reqs, batch_size=batch_size, model=model)
+    _, o_lists = lm.encode_requests(handle.tokenizer, reqs)
     rows = []
-    for s in range(0, len(items), batch_size):
-        chunk = list(items[s:s + batch_size])
-        b = encode_items(handle, chunk, responses[s:s + batch_size] if responses is not None else None)
-        with torch.inference_mode():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        lp = sequence_logprob(logits, b["labels"]).cpu()
-        n_tok = (b["labels"][:, 1:] != -100).sum(-1).cpu()
-        for i in range(len(chunk)):
-            rows.append({"logprob": float(lp[i]), "n_tokens": int(n_tok[i]),
-                         "token_logprob": float(lp[i] / max(int(n_tok[i]), 1)), "prob": math.exp(float(lp[i]))})
+    for lp, os_ in zip(lps, o_lists):
+        v, n_tok = float(lp[0]), len(os_[0])
+        rows.append({"logprob": v, "n_tokens": n_tok, "token_logprob": v / max(n_tok, 1), "prob": math.exp(v)})
     return rows
 
 
 def perplexity(handle: Any, texts: Sequence[str], *, batch_size: int = 8, model: Any = None, seed: int = 0) -> Estimate:
     """Token-weighted perplexity with a bootstrap CI over passages (NaN, n=0 without text)."""
-    import torch
-
-    from excise.intervene.unlearn import IGNORE
-
     if not texts:
         return Estimate.undefined("perplexity")
     model = model if model is not None else handle.model
     per: list[tuple[float, int]] = []
     for s in range(0, len(texts), batch_size):
         enc = handle.encode(list(texts[s:s + batch_size]))
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, lm.IGNORE)
         with torch.inference_mode():
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         lg = torch.log_softmax(logits[:, :-1].float(), -1)
         lb = labels[:, 1:]
-        m = lb != IGNORE
+        m = lb != lm.IGNORE
         tok_lp = lg.gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for i in range(lb.shape[0]):
             per.append((float(-(tok_lp[i] * m[i]).sum()), int(m[i].sum())))

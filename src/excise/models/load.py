@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -40,6 +40,17 @@ class ModelHandle:
     @property
     def config(self):
         return self.model.config
+
+    def with_model(self, model: Any, *, name: str | None = None, **extra: Any) -> "ModelHandle":
+        """A new handle around ``model`` (same tokenizer and processor, anatomy read from ``model``).
+
+        Interventions return this instead of mutating the caller's handle, so ``before`` and
+        ``after`` can be evaluated side by side.
+        """
+        from excise.models.anatomy import Anatomy
+
+        anatomy = Anatomy.of(model) if self.anatomy is not None else None
+        return replace(self, model=model, anatomy=anatomy, name=name or self.name, extra={**self.extra, **extra})
 
     def chat(self, user: str, system: str | None = None) -> str:
         """Format one user turn with the chat template (plain text if the model has none)."""

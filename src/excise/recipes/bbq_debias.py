@@ -30,7 +30,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
-from excise.intervene.lora import FinetuneConfig, LoraSettings
+from excise.intervene.lora import FinetuneConfig
 from excise.locate.heads import HeadAttributionConfig
 from excise.recipes.planted import PlantedConfig
 from excise.select import SelectConfig
@@ -39,8 +39,7 @@ PLANTED = "planted"
 
 
 def _default_finetune() -> FinetuneConfig:
-    return FinetuneConfig(method="lora", objective="choice", steps=12, batch_size=8, lr=1e-3,
-                          lora=LoraSettings(r=8, alpha=16))
+    return FinetuneConfig(method="lora", objective="choice", steps=12, batch_size=8, lr=1e-3)
 
 
 class BBQDebiasConfig(BaseModel):

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 from excise.attack.relearn import RelearnConfig
 from excise.errors import ExciseError
 from excise.io import iter_jsonl
-from excise.intervene.masked_lora import LoraConfigModel, UnlearnSettings
+from excise.intervene.masked_lora import UnlearnSettings
+from excise.intervene.trainable import LoraFields
 from excise.locate.saliency import SaliencyConfig
 from excise.select import SelectConfig
 
@@ -60,7 +61,7 @@ class ConceptUnlearnConfig(BaseModel):
     localize: SaliencyConfig = Field(default_factory=SaliencyConfig, description="how units are scored")
     select: SelectConfig = Field(default_factory=lambda: SelectConfig(method="topk", k=256, per_layer=False),
                                  description="how the mask is chosen from the scores")
-    lora: LoraConfigModel = Field(default_factory=LoraConfigModel, description="adapter rank and scale")
+    lora: LoraFields = Field(default_factory=LoraFields, description="adapter settings (peft LoraConfig fields)")
     unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings, description="objective, steps, learning rate")
     compare: bool = Field(False, description="also run the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)")
     comparison: CompareConfig = Field(default_factory=CompareConfig, description="settings of the comparison")
@@ -222,30 +223,30 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     def train_variant(variant: str, d: Path | None) -> tuple[Any, dict]:
         """Fresh copy of the base model, intervention, equal steps; returns (model, info)."""
-        from excise.intervene.masked_lora import apply_masked_lora, apply_plain_lora, unlearn_concept
+        from excise.intervene.masked_lora import all_units, unlearn_concept
+        from excise.intervene.trainable import make_trainable
         from excise.locate.saliency import random_mask_like
 
         seed_everything(cfg.seed)
         model = copy.deepcopy(base_model)
         base_sd = {k: v.clone() for k, v in model.state_dict().items()}
         ucfg = cfg.unlearn
-        ml = None
         if variant.startswith("masked_"):
             src = variant.split("_", 1)[1]
             mask = random_mask_like(mask_for(cfg.localize.method), seed=cfg.seed) if src == "random" else mask_for(src)
-            ml = apply_masked_lora(model, mask, cfg.lora, seed=cfg.seed)
+            tr = make_trainable(model, "masked_lora", cfg.lora, mask=mask, seed=cfg.seed)
         elif variant == "plain_lora":
-            ml = apply_plain_lora(model, cfg.units, cfg.lora, seed=cfg.seed)
+            tr = make_trainable(model, "masked_lora", cfg.lora, mask=all_units(model, cfg.units), seed=cfg.seed)
         else:
             ucfg = ucfg.model_copy(update={"lr": cfg.comparison.full_lr})
-            for p in model.parameters():
-                p.requires_grad_(True)
-        n_trainable = ml.n_trainable if ml else sum(p.numel() for p in model.parameters())
+            tr = make_trainable(model, "full")
+        ml = tr.masked
+        n_trainable = tr.n_trainable
         n_effective = ml.n_effective if ml else n_trainable
         t0 = time.time()
         vh = copy.copy(handle)
         vh.model = model
-        log = unlearn_concept(vh, ml.model if ml else model, spec, ucfg)
+        log = unlearn_concept(vh, tr.model, spec, ucfg)
         train_s = time.time() - t0
         info: dict[str, Any] = {"variant": variant, "train_seconds": round(train_s, 1), "n_trainable": n_trainable,
                                 "n_effective": n_effective, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],

@@ -19,7 +19,7 @@ DEMO_CATEGORIES = ["Age", "Gender_identity", "SES", "Religion"]
 def demo_config(model: str) -> Any:
     """Demo sizes. The planted model is evaluated on the categories its bias was planted in (with the
     split it is built for, which ``BBQDebiasConfig`` picks for model=planted)."""
-    from excise.intervene.lora import FinetuneConfig, LoraSettings
+    from excise.intervene.lora import FinetuneConfig
     from excise.locate.heads import HeadAttributionConfig
     from excise.recipes.bbq_debias import BBQDebiasConfig
     from excise.recipes.planted import PlantedConfig
@@ -33,7 +33,7 @@ def demo_config(model: str) -> Any:
                  "localize": HeadAttributionConfig(n_candidates=3)}
     return BBQDebiasConfig(
         model=model, finetune_per_category=12, **extra,
-        finetune=FinetuneConfig(method="lora", steps=6, batch_size=8, lr=2e-3, lora=LoraSettings(r=8, alpha=16)),
+        finetune=FinetuneConfig(method="lora", steps=6, batch_size=8, lr=2e-3),
         trace_items=2, n_boot=1000, seed=0)
 
 

@@ -11,6 +11,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from excise.config import apply_overrides, load_yaml
 from excise.errors import ExciseError
 
 WORKFLOWS = {
@@ -18,6 +19,7 @@ WORKFLOWS = {
     "bbq": "excise.recipes.bbq_debias",
     "concept": "excise.recipes.concept_unlearn",
     "undo": "excise.recipes.robust_unlearn",
+    "pipeline": "excise.recipes.pipeline",
 }
 PACKAGED = Path(__file__).parent
 
@@ -34,13 +36,12 @@ def find_recipe(recipe: str | Path) -> Path:
 
 
 def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool = False, quick: bool = False,
-                    console: Any = None) -> dict:
-    from excise.config import load_yaml
-
+                    console: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     path = find_recipe(recipe)
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ExciseError("a recipe is a mapping with a 'workflow' key", where=str(path))
+    data = apply_overrides(data, list(overrides))
     workflow = data.pop("workflow", None)
     if workflow not in WORKFLOWS:
         raise ExciseError(f"unknown workflow {workflow!r}; choose one of {', '.join(WORKFLOWS)}", where=f"{path}:workflow")

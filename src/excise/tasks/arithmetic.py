@@ -332,10 +332,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, name: st
 
     import torch
 
-    from excise.intervene.unlearn_methods import lm_batch, train_loop
+    from excise.lm import lm_batch
     from excise.io import atomic_dir, atomic_write_json
     from excise.measure.arithmetic import accuracy_by_op
     from excise.run import seed_everything
+    from excise.train import TrainConfig, train
 
     target = Path(out_dir) if out_dir is not None else cache_path(cfg, name)
     if (target / "pretrain.json").exists():
@@ -371,9 +372,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, name: st
                 return True
         return False
 
-    log = train_loop(model, batches(), loss_fn, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                     weight_decay=cfg.weight_decay, schedule="cosine", progress=False, desc=f"pretrain {name}",
-                     on_step=on_step)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+                       schedule="cosine", batch_size=cfg.batch_size, seed=cfg.seed)
+    log = train(model, batches(), loss_fn, tcfg, progress=False, desc=f"pretrain {name}", on_step=on_step).log
     seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     model.eval()
     acc = accuracy_by_op(model, tok, eval_items(OPS, cfg.eval_n_per_op, seed=cfg.seed))

@@ -35,6 +35,7 @@ CATEGORIES = (
 REQUIRED = ("example_id", "question_polarity", "context_condition", "category", "answer_info",
             "context", "question", "ans0", "ans1", "ans2", "label")
 METADATA_FILE = "additional_metadata.csv"
+LETTERS = "ABC"  # option letters of the lettered question
 _ANS = ("ans0", "ans1", "ans2")
 
 
@@ -518,5 +519,5 @@ def sample_bbq(items: list[BBQItem], per_category: int | None, seed: int = 0) ->
 
 def format_prompt(item: BBQItem) -> str:
     """The multiple-choice question as plain text (context, question, three lettered options)."""
-    opts = "\n".join(f"{'ABC'[i]}. {a}" for i, a in enumerate(item.answers))
+    opts = "\n".join(f"{LETTERS[i]}. {a}" for i, a in enumerate(item.answers))
     return f"{item.context}\n{item.question}\n{opts}\nAnswer with A, B or C."

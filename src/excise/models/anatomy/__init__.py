@@ -11,50 +11,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from excise.errors import ExciseError
+from excise.models.anatomy import bert, gemma, gpt2, gpt_neox, llama, phi3  # noqa: F401  (registration)
+from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, register
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
 
-@dataclass(frozen=True)
-class AnatomySpec:
-    """Where the canonical parts live, as dotted paths.
-
-    ``layers``, ``embed`` and ``final_norm`` are relative to the model's ``base_model``; the
-    per-layer paths are relative to one layer.
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    layers: str
-    embed: str
-    attn: str  # module whose forward returns (output, attention weights)
-    attn_out: str  # attention output projection: its input is attn.z (heads concatenated)
-    mlp: str
-    mlp_down: str  # MLP down-projection: its input is mlp.hidden, its output mlp.out
-    final_norm: str | None = None
-    attn_out_transposed: bool = False  # GPT-2's Conv1D stores weight as [in, out]
-    mlp_down_transposed: bool = False
-    is_decoder: bool = True
-    notes: str = ""
-
-
-_REGISTRY: dict[str, AnatomySpec] = {}
-
-
-def register(spec: AnatomySpec) -> AnatomySpec:
-    for mt in spec.model_types:
-        _REGISTRY[mt] = spec
-    return spec
-
-
 def supported_model_types() -> list[str]:
-    _load_families()
     return sorted(_REGISTRY)
 
 
 def spec_for_model_type(model_type: str) -> AnatomySpec:
-    _load_families()
     if model_type not in _REGISTRY:
         raise ExciseError(
             f"unsupported architecture family '{model_type}': excise has no anatomy for it "
@@ -63,11 +31,6 @@ def spec_for_model_type(model_type: str) -> AnatomySpec:
         )
     return _REGISTRY[model_type]
 
-
-def _load_families() -> None:
-    if _REGISTRY:
-        return
-    from excise.models.anatomy import bert, gemma, gpt2, gpt_neox, llama, phi3  # noqa: F401
 
 
 def _get(root: Any, path: str) -> Any:

@@ -4,7 +4,7 @@
 (before dropout, residual and LayerNorm).
 """
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 BERT = register(
     AnatomySpec(

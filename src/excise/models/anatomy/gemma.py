@@ -1,7 +1,7 @@
 """Gemma and Gemma-2: llama layout, but head_dim is set explicitly in the config
 (n_heads * head_dim may differ from hidden_size) and Gemma-2 adds extra norms around the MLP."""
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 GEMMA = register(
     AnatomySpec(

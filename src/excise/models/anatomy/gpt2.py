@@ -1,6 +1,6 @@
 """GPT-2: Conv1D layers store their weight as [in_features, out_features] (transposed)."""
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 GPT2 = register(
     AnatomySpec(

@@ -1,6 +1,6 @@
 """GPT-NeoX / Pythia: fused query_key_value, parallel attention + MLP residual by default."""
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 GPT_NEOX = register(
     AnatomySpec(

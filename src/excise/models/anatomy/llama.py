@@ -4,7 +4,7 @@ Grouped-query attention needs nothing special here: heads are split at the *inpu
 ``o_proj``, which always has ``num_attention_heads * head_dim`` features.
 """
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 LLAMA = register(
     AnatomySpec(

@@ -1,6 +1,6 @@
 """Phi-3: fused qkv_proj and gate_up_proj; o_proj and down_proj are where the sites are."""
 
-from excise.models.anatomy import AnatomySpec, register
+from excise.models.anatomy.spec import AnatomySpec, register
 
 PHI3 = register(
     AnatomySpec(

@@ -1,0 +1,256 @@
+"""BBQ evaluation: :func:`predict` (items -> prediction rows, through :mod:`excise.lm`), the
+`excise bbq eval` stages (:func:`run_eval`) and `excise bbq score` for predictions from any
+source (:func:`run_score`, :func:`read_predictions`).
+
+Scoring modes, all batched (prompts and options: :mod:`excise.tasks.bbq_prompts`):
+
+* ``loglik``: log-likelihood of each answer option after the prompt (:func:`excise.lm.loglikelihood`,
+  packed prefix-tree path where the model allows it);
+* ``letter``: the lettered question through the chat template; the next-token log-probabilities
+  of "A"/"B"/"C" pick the answer (:func:`excise.lm.next_token_logprobs`). Small models have
+  position bias, so letter counts are reported;
+* ``generate``: greedy free text (:func:`excise.lm.generate`), mapped to an option like the BBQ
+  authors' script does (:func:`excise.tasks.bbq_prompts.match_answer`); unmapped answers are
+  counted and reported.
+
+Metrics: :func:`excise.measure.bbq.bias_scores`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from excise import lm
+from excise.errors import ExciseError, where
+from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, iter_jsonl
+from excise.measure.bbq import BiasReport, GroupScores, bias_scores
+from excise.models import load
+from excise.run import Run, seed_everything
+from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, BBQItem, _templates_dir, attach_targets, load_bbq,
+                              load_bbq_hf, load_jsonl, packaged_bbq_dir, parse_row, sample_bbq)
+from excise.tasks.bbq_prompts import LETTERS, letter_prompt, letter_token_ids, loglik_requests, match_answer
+
+Mode = Literal["loglik", "letter", "generate"]
+MODES = ("loglik", "letter", "generate")
+TEXT_FIELDS = ("prediction", "answer", "response", "output", "pred_text")
+
+
+# ============================================================================ predict
+
+def predict(
+    handle: Any,
+    items: Sequence[BBQItem],
+    mode: Mode = "loglik",
+    *,
+    batch_size: int = 8,
+    normalize: lm.Normalize = "none",
+    max_new_tokens: int = 24,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Score items and return one row per item: the BBQ fields, ``pred`` (0-2, or None when a
+    generated answer maps to no option), ``correct``, and the mode's evidence (``scores`` for
+    loglik/letter, ``response``/``match`` for generate)."""
+    if mode not in MODES:
+        raise ExciseError(f"unknown scoring mode '{mode}'; choose one of {', '.join(MODES)}")
+    rows: list[dict[str, Any]] = []
+    if mode in ("loglik", "letter"):
+        if mode == "loglik":
+            res = lm.loglikelihood(handle, loglik_requests(items), batch_size=batch_size, normalize=normalize,
+                                   progress=progress)
+            scores = np.stack(res) if res else np.zeros((0, 3))
+        else:
+            scores = lm.next_token_logprobs(handle, [letter_prompt(handle, x) for x in items],
+                                            letter_token_ids(handle.tokenizer), batch_size=batch_size,
+                                            progress=progress)
+        for x, s in zip(items, scores):
+            pred = int(np.argmax(s))  # ties: the first option, deterministically
+            rows.append(prediction_row(x, pred, mode, scores=[float(v) for v in s]))
+    else:
+        texts = lm.generate(handle, [letter_prompt(handle, x) for x in items], max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=progress)
+        for x, t in zip(items, texts):
+            t = t.strip()
+            pred, how = match_answer(t, x)
+            rows.append(prediction_row(x, pred, mode, response=t, match=how))
+    return rows
+
+
+def prediction_row(x: BBQItem, pred: int | None, mode: str, **extra: Any) -> dict[str, Any]:
+    """The item's BBQ fields plus ``pred``, ``correct`` (None when unmatched), ``scoring`` and ``extra``."""
+    r = x.fields()
+    r.update(pred=pred, correct=None if pred is None else int(pred == x.label), scoring=mode, **extra)
+    return r
+
+
+def save_predictions(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    return atomic_write_jsonl(path, rows)
+
+
+# ============================================================================ `excise bbq eval`
+
+class BBQEvalConfig(BaseModel):
+    """Settings of `excise bbq eval` (defaults: all categories, 50 items each, loglik scoring)."""
+
+    model_config = {"extra": "forbid", "protected_namespaces": ()}
+    model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
+    categories: list[str] = Field(default_factory=lambda: list(CATEGORIES), description="BBQ categories (all 11 by default)")
+    per_category: int | None = Field(50, ge=1, description="items per category, stratified over context "
+                                     "condition x question polarity; null = every item")
+    scoring: Literal["loglik", "letter", "generate"] = Field("loglik", description="scoring mode")
+    normalize: Literal["none", "tokens", "chars"] = Field(
+        "none", description="loglik length normalisation (none = summed log-likelihood, as lm-eval's acc)")
+    seed: int = Field(0, description="seed for sampling and bootstrap")
+    batch_size: int = Field(8, ge=1, description="items per forward pass")
+    n_boot: int = Field(1000, ge=10, description="bootstrap resamples for the bias-score CIs")
+    max_new_tokens: int = Field(24, ge=1, description="generate mode: answer length cap")
+    data_dir: str | None = Field(None, description="directory of <Category>.jsonl (default: packaged copy)")
+    hf_dataset: str | None = Field(None, description="Hugging Face dataset id or local path instead of data_dir")
+    hf_split: str | None = Field(None, description="split of hf_dataset (default: all splits)")
+    hf_metadata: str | None = Field(None, description="additional_metadata.csv to join to hf_dataset rows "
+                                    "(default: targets derived as the BBQ metadata script does)")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    device: str = Field("cpu", description="cpu or cuda")
+
+
+def load_items_for(cfg: Any) -> list[BBQItem]:
+    """The configured BBQ source, stratified-sampled with the config's seed."""
+    if cfg.hf_dataset:
+        items = load_bbq_hf(cfg.hf_dataset, split=cfg.hf_split, categories=cfg.categories, metadata=cfg.hf_metadata)
+    else:
+        items = load_bbq(cfg.categories, data_dir=cfg.data_dir)
+    return sample_bbq(items, cfg.per_category, seed=cfg.seed)
+
+
+def run_eval(cfg: Any, out: str | Path, *, force: bool = False, console: Any = None, handle: Any = None) -> dict:
+    """`excise bbq eval`: stages ``data`` (sampled items), ``predict`` (predictions.jsonl, throughput)
+    and ``scores`` (bias_scores.json/.csv/.txt/.png). A re-run resumes finished stages."""
+    seed_everything(cfg.seed)
+    run = Run(out, {"workflow": "bbq-eval", **cfg.model_dump()}, force=force)
+
+    def data_stage(d: Path) -> dict:
+        items = load_items_for(cfg)
+        if not items:
+            raise ExciseError("no BBQ items selected; check --categories and the data source")
+        atomic_write_jsonl(d / "items.jsonl", [x.fields() for x in items])
+        cells: dict[str, int] = {}
+        for x in items:
+            k = f"{x.category}/{x.context_condition}/{x.question_polarity}"
+            cells[k] = cells.get(k, 0) + 1
+        src: dict[str, int] = {}
+        for x in items:
+            src[x.target_source or "none"] = src.get(x.target_source or "none", 0) + 1
+        return {"n_items": len(items), "cells": cells, "target_sources": src}
+
+    run.stage("data", data_stage)
+    items = load_jsonl(run.stage_dir("data") / "items.jsonl")
+
+    def predict_stage(d: Path) -> dict:
+        h = handle or load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        t0 = time.time()
+        rows = predict(h, items, cfg.scoring, batch_size=cfg.batch_size, normalize=cfg.normalize,
+                       max_new_tokens=cfg.max_new_tokens, progress=console is not None)
+        dt = time.time() - t0
+        save_predictions(d / "predictions.jsonl", rows)
+        counts = {LETTERS[i]: sum(1 for r in rows if r["pred"] == i) for i in range(3)}
+        m = {"n_items": len(rows), "seconds": round(dt, 3), "items_per_second": round(len(rows) / dt, 3),
+             "scoring": cfg.scoring, "pred_counts": counts,
+             "n_unmatched": sum(1 for r in rows if r["pred"] is None), "device": str(h.device)}
+        if cfg.scoring == "generate":
+            how: dict[str, int] = {}
+            for r in rows:
+                how[r["match"]] = how.get(r["match"], 0) + 1
+            m["match_methods"] = how
+        return m
+
+    pred = run.stage("predict", predict_stage)
+    rows = [row for _, row in iter_jsonl(run.stage_dir("predict") / "predictions.jsonl")]
+
+    def scores_stage(d: Path) -> dict:
+        rep = bias_scores(rows, n_boot=cfg.n_boot, seed=cfg.seed)
+        rep.save(d, title=f"{cfg.model}: BBQ bias scores ({cfg.scoring})")
+        return _summary(rep)
+
+    sc = run.stage("scores", scores_stage)
+    text = (run.stage_dir("scores") / "bias_scores.txt").read_text(encoding="utf-8")
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+    return {"dir": str(run.dir), "predict": pred.metrics, "scores": sc.metrics, "text": text,
+            "skipped": pred.skipped and sc.skipped}
+
+
+def _summary(rep: BiasReport) -> dict:
+    o = rep.overall
+    return {"overall": {m: getattr(o, m).as_dict() for m in GroupScores.METRICS}, "n_rows": rep.n_rows,
+            "n_unmatched": rep.n_unmatched, "n_no_target": rep.n_no_target, "pred_counts": rep.pred_counts}
+
+
+# ============================================================================ `excise bbq score`
+
+def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | Path | None = None) -> tuple[list[dict], dict]:
+    """Read predictions from any source: rows with the official BBQ fields plus ``pred`` (an answer
+    index 0-2) or a text answer in one of ``prediction``/``answer``/``response``/``output``/
+    ``pred_text``, matched with :func:`excise.tasks.bbq_prompts.match_answer`. Targets come from
+    the row (``target_loc``), else the metadata file / derivation (:func:`excise.tasks.bbq.attach_targets`).
+    Returns (rows ready for :func:`excise.measure.bbq.bias_scores`, counts by match method)."""
+    path = Path(path)
+    parsed: list[tuple[BBQItem, int | None, str, str | None]] = []
+    for lineno, row in iter_jsonl(path):
+        item = parse_row(row, path, lineno)
+        if "pred" in row and row["pred"] is not None:
+            p = row["pred"]
+            if isinstance(p, bool) or not isinstance(p, int) or p not in (0, 1, 2):
+                raise ExciseError(f"expected an answer index 0, 1 or 2, got {p!r}", where=where(path, lineno, "pred"))
+            parsed.append((item, p, "index", None))
+            continue
+        tf = next((k for k in TEXT_FIELDS if k in row and row[k] is not None), None)
+        if tf is None:
+            if "pred" in row:  # an explicit null: a prediction that did not map to an option
+                parsed.append((item, None, "unmatched", None))
+                continue
+            raise ExciseError("missing field (an answer index 'pred' or a text answer: " + ", ".join(TEXT_FIELDS) + ")",
+                              where=where(path, lineno, "pred"))
+        if not isinstance(row[tf], str):
+            raise ExciseError("expected a string", where=where(path, lineno, tf))
+        p, how = match_answer(row[tf], item, lenient=lenient)
+        parsed.append((item, p, how, row[tf]))
+    items = [x for x, *_ in parsed]
+    if any(x.target_loc is None for x in items) or any(not x.label_type for x in items):
+        d = Path(data_dir) if data_dir else None
+        if d is None:
+            try:
+                d = packaged_bbq_dir()
+            except ExciseError:
+                d = None
+        attach_targets(items, metadata=(d / METADATA_FILE) if d else None, templates=_templates_dir(d) if d else None)
+    rows, how_counts = [], {}
+    for item, p, how, text in parsed:
+        extra: dict[str, Any] = {"match": how}
+        if text is not None:
+            extra["response"] = text
+        rows.append(prediction_row(item, p, "external", **extra))
+        how_counts[how] = how_counts.get(how, 0) + 1
+    return rows, how_counts
+
+
+def run_score(predictions: str | Path, out: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
+              lenient: bool = True, data_dir: str | Path | None = None, console: Any = None) -> dict:
+    """`excise bbq score`: bias scores of a predictions JSONL, written atomically into ``out``."""
+    rows, how = read_predictions(predictions, lenient=lenient, data_dir=data_dir)
+    if not rows:
+        raise ExciseError("no prediction rows", where=str(predictions))
+    out = Path(out) if out else Path(predictions).with_suffix("").with_name(Path(predictions).stem + "_scores")
+    rep = bias_scores(rows, n_boot=n_boot, seed=seed)
+    with atomic_dir(out) as tmp:
+        rep.save(tmp, title=f"BBQ bias scores: {Path(predictions).name}")
+        save_predictions(tmp / "matched_predictions.jsonl", rows)
+        atomic_write_json(tmp / "match_counts.json", {"match_methods": how, "n_unmatched": rep.n_unmatched,
+                                                       "n_rows": rep.n_rows, "lenient": lenient})
+    text = rep.text() + "matched by: " + ", ".join(f"{k}={v}" for k, v in sorted(how.items())) + "\n"
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+    return {"dir": str(out), "match_methods": how, "n_unmatched": rep.n_unmatched, "summary": _summary(rep), "text": text}
