@@ -1,7 +1,7 @@
 """BBQ log-likelihood scoring: excise vs lm-evaluation-harness on the same model and items.
 
 Same examples (a seeded stratified sample of the packaged BBQ, ``excise.tasks.bbq.sample_bbq``),
-same prompt (``excise.measure.bbq.loglik_prompt``: "{context}\\n{question}\\nAnswer:"), same options
+same prompt (``excise.tasks.bbq_prompts.loglik_prompt``: "{context}\\n{question}\\nAnswer:"), same options
 (" " + answer), same summed log-likelihood, argmax -> prediction. lm-eval reads the items from a
 local jsonl through a custom task YAML (``include_path``; the hub is unreachable) and loads the
 model from the same directory with its HFLM (``pretrained=``). Both run in this one process,
@@ -102,9 +102,10 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from excise.measure.bbq import _packed_ok, predict
+    from excise.lm_packed import packed_ok
     from excise.measure.stats import wilson
     from excise.models import load
+    from excise.recipes.bbq_eval import predict
     from excise.run import seed_everything
     from excise.tasks.bbq import load_bbq, sample_bbq
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     h = load("smollm2-135m-instruct")
     ex_load = time.perf_counter() - t0
-    path = "packed" if _packed_ok(h.model) else "kv-cache"
+    path = "packed" if packed_ok(h.model) else "kv-cache"
     if args.warmup:
         predict(h, items[: args.warmup], "loglik", batch_size=args.batch_size)
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     speed, speed_cpu = le_s / ex_s, le_cpu / ex_cpu
     fmt = lambda e: f"{e.value:.3f} [{e.lo:.3f}, {e.hi:.3f}]"  # noqa: E731
     rows_t = [
-        [f"excise (predict, loglik, {path})", f"{ex_s:.1f}", f"{ex_cpu:.1f}", f"{n / ex_s:.2f}", fmt(ex_acc), f"{ex_load:.1f}"],
+        [f"excise (lm.loglikelihood, {path})", f"{ex_s:.1f}", f"{ex_cpu:.1f}", f"{n / ex_s:.2f}", fmt(ex_acc), f"{ex_load:.1f}"],
         ["lm-eval (HFLM, multiple_choice)", f"{le_s:.1f}", f"{le_cpu:.1f}", f"{n / le_s:.2f}", fmt(le_acc),
          f"{le_load:.1f}"],
     ]

@@ -1,4 +1,8 @@
-"""The fine-tune stage in 2 processes on CPU (gloo, DDP) matches 1 process: same global batch, averaged grads."""
+"""excise.train.train in 2 processes on CPU (gloo, DDP) matches 1 process: same global batch, averaged grads.
+
+Covered: the fine-tune stage (LoRA on examples, through finetune), and train() itself with gradient
+accumulation, on a sequence of examples and on a stream of ready-made batches cut along the batch dimension.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,36 @@ WORKER = textwrap.dedent('''
     from accelerate import Accelerator
     from excise.intervene.heads import HeadScales
     from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
-    from excise.testing import tiny_handle
+    from excise.testing import tiny_handle, tiny_model
+    from excise.train import Examples, TrainConfig, train
 
     h = tiny_handle("llama")
     ex = [ChoiceExample(f"prompt number {i} says", (" yes", " no way", " maybe so"), i % 3) for i in range(16)]
     acc = Accelerator(cpu=True, split_batches=True)
     hs = HeadScales.from_heads(h.anatomy, [(1, 2)], 0.2)
     r = finetune(h, ex, FinetuneConfig(steps=3, batch_size=4, lr=1e-2, seed=0), head_scales=hs, accelerator=acc)
+    # train() itself: equal-length sequences (a token mean is an example mean), 2 accumulation steps,
+    # so one process computes 2 parts of 4 and two processes 4 parts of 2; the Accelerator is train()'s own
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 250, (6,), generator=g) for _ in range(16)]
+    def collate(c):
+        ids = torch.stack(c)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    def stream():
+        s = 0
+        while True:
+            i = (s * 8) % 16
+            yield collate(seqs[i:i + 8])
+            s += 1
+    cfg = TrainConfig(steps=3, lr=1e-3, batch_size=8, grad_accum_steps=2, warmup_steps=1, schedule="linear")
+    out = {}
+    for name, data in (("examples", Examples(seqs, 8, collate=collate)), ("stream", stream())):
+        t = train(tiny_model("llama"), data, lambda m, b: m(**b).loss, cfg)
+        out[name] = {"losses": t.losses, "n": t.n_processes, "tokens": t.tokens,
+                     "sd": {k: v.tolist() for k, v in t.model.state_dict().items()}}
     if acc.is_main_process:
         sd = {k: v.tolist() for k, v in r.model.state_dict().items() if "lora" in k}
-        json.dump({"losses": r.losses, "n": r.n_processes, "sd": sd}, open(sys.argv[1], "w"))
+        json.dump({"losses": r.losses, "n": r.n_processes, "sd": sd, "train": out}, open(sys.argv[1], "w"))
 ''')
 
 
@@ -57,3 +81,18 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(torch.tensor(a["sd"][k]), torch.tensor(b["sd"][k]), atol=1e-5), k
     # and the adapter did move (the comparison is not between two untouched inits)
     assert any(torch.tensor(v).abs().max() > 0 for k, v in a["sd"].items() if "lora_B" in k)
+    for name in ("examples", "stream"):
+        ta, tb = a["train"][name], b["train"][name]
+        assert ta["n"] == 1 and tb["n"] == 2 and ta["tokens"] == tb["tokens"] == 3 * 8 * 6
+        assert torch.allclose(torch.tensor(ta["losses"]), torch.tensor(tb["losses"]), atol=1e-5), name
+        assert ta["sd"].keys() == tb["sd"].keys()
+        for k in ta["sd"]:
+            assert torch.allclose(torch.tensor(ta["sd"][k]), torch.tensor(tb["sd"][k]), atol=1e-5), (name, k)
+    init = tiny_model_weights()
+    assert any(not torch.allclose(torch.tensor(a["train"]["examples"]["sd"][k]), v) for k, v in init.items())
+
+
+def tiny_model_weights():
+    from excise.testing import tiny_model
+
+    return {k: v.clone() for k, v in tiny_model("llama").state_dict().items()}

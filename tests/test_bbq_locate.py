@@ -87,7 +87,7 @@ def test_planted_head_is_found():
     """Plant a bias in one head of a tiny model (masked fine-tune); the localizer ranks it first."""
     from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
     from excise.locate.heads import HeadAttributionConfig, attribute_heads
-    from excise.measure.bbq import loglik_options, loglik_prompt
+    from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
     from excise.recipes.planted import head_grad_masks
     from excise.testing import tiny_handle
 

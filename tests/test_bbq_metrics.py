@@ -10,7 +10,9 @@ import pytest
 
 from excise.cli import main
 from excise.errors import ExciseError
-from excise.measure.bbq import bias_scores, match_answer, read_predictions
+from excise.measure.bbq import bias_scores
+from excise.recipes.bbq_eval import read_predictions
+from excise.tasks.bbq_prompts import match_answer
 from excise.tasks.bbq import load_bbq, sample_bbq
 
 

@@ -94,7 +94,7 @@ def test_lm_eval_task_renders_the_excise_prompt_and_options(tmp_path):
     import bbq_vs_lm_eval as bl
     from lm_eval.tasks import TaskManager
 
-    from excise.measure.bbq import loglik_options, loglik_prompt
+    from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
     from excise.tasks.bbq import load_bbq, sample_bbq
 
     items = sample_bbq(load_bbq(["Age", "SES"]), 4, seed=0)
@@ -115,3 +115,26 @@ def test_streaming_memory_child_reports_rss():
 
     rss = tsm.peak_rss_mb()
     assert rss > 10 and math.isfinite(rss)
+
+
+def test_scorer_tasks_baselines_agree_with_excise_lm():
+    """benchmarks/scorer_tasks.py's copies of the old per-task loops give excise.lm's answers."""
+    import numpy as np
+    import scorer_tasks as st
+
+    from excise.measure.arithmetic import generate
+    from excise.measure.unlearning import answer_logprobs
+    from excise.tasks.arithmetic import OPS, eval_items
+    from excise.tasks.concepts import ConceptItem
+    from excise.testing import tiny_handle
+
+    h = tiny_handle("llama")
+    items = [ConceptItem(prompt=p, answer=a, format=f) for p, a, f in
+             (("Who directed Inception?", "Christopher Nolan", "chat"), ("The capital of France is", "Paris", "completion"),
+              ("2 + 2 =", "4", "completion"))]
+    old = [r["logprob"] for r in st.old_answer_logprobs(h, items, batch_size=2)]
+    new = [r["logprob"] for r in answer_logprobs(h, items, batch_size=2)]
+    np.testing.assert_allclose(old, new, atol=1e-4)
+    prompts = [it.prompt for it in eval_items(OPS, 3, seed=0)] + ["a longer prompt than the others, x ="]
+    assert st.old_arith_generate(h.model, h.tokenizer, prompts, max_new_tokens=4, batch_size=3) == \
+        generate(h.model, h.tokenizer, prompts, max_new_tokens=4, batch_size=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,14 +25,14 @@ def _items():
 
 def test_choice_logprobs_match_bbq_loglik_scoring():
     """The differentiable scorer gives H3's shared-prefix loglik numbers on the same prompts."""
-    from excise.intervene.lora import choice_logprobs
-    from excise.measure.bbq import loglik_options, loglik_prompt, score_loglik
+    from excise.lm import choice_logprobs, loglikelihood
+    from excise.tasks.bbq_prompts import loglik_options, loglik_prompt, loglik_requests
     from excise.testing import tiny_handle
 
     h = tiny_handle("llama")
     items = _items()
     lp = choice_logprobs(h, [loglik_prompt(x) for x in items], [loglik_options(x) for x in items])
-    ref = score_loglik(h, items, batch_size=3)
+    ref = np.stack(loglikelihood(h, loglik_requests(items), batch_size=3))
     assert lp.requires_grad
     assert torch.allclose(lp.detach().double(), torch.as_tensor(ref), atol=1e-4)
 

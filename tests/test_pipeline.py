@@ -13,8 +13,10 @@ from excise.testing import save_tiny
 CROSS = ("fisher_prunes_heads.yaml", "snmf_masked_lora.yaml", "saliency_noise.yaml")
 TINY = {"bbq": {"categories": ["Age"], "eval_per_category": 4, "build_per_category": 2, "n_boot": 20},
         "concept": {"max_new_tokens": 4}}
+
 STAGE_SMALL = {"masked_lora": {"steps": 2, "batch_size": 2}, "unlearn": {"steps": 2, "batch_size": 2},
-               "snmf": {"k": 4, "iters": 5}}
+               "snmf": {"k": 4, "iters": 5}, "noise": {"distill_steps": 2, "distill_batch_size": 2},
+               "topk": {"k": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,8 @@ def _tiny_recipe(name: str, model_dir, tmp_path):
         kind, s = next(iter(st.items()))
         if s and s.get("method") in STAGE_SMALL:
             s.update(STAGE_SMALL[s["method"]])
+        if kind == "select" and s.get("per_layer"):
+            s["k"] = 4  # the tiny model has 128 neurons per layer
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path

@@ -104,7 +104,7 @@ def test_intervention(handle, name, one_thread):
         assert all(torch.equal(before[k], v) for k, v in _state(handle).items()), "the caller's model changed"
         changed = {k for k, v in _state(new).items() if k in before and not torch.equal(before[k], v)}
         assert changed, f"{name} with a {kind} mask changed nothing"
-        if kind in ("head", "neuron") and getattr(cls, "masked", True):
+        if kind in ("head", "neuron") and getattr(iv, "masked", True):
             allowed = unit_param_masks(handle.anatomy, kind, mask.values)
             for k in changed:
                 assert k in allowed, f"{name}: {k} changed although it holds no masked unit"

@@ -43,7 +43,7 @@ def test_unlearning_needs_retain_data_and_valid_layer():
 
 def test_fisher_scores_are_mean_squared_gradients():
     from excise.intervene.unlearn import nll
-    from excise.intervene.unlearn_methods import lm_batch
+    from excise.lm import lm_batch
     from excise.locate.fisher import fisher_scores
 
     h = tiny_handle("llama", seed=0)

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from excise.models.load import last_logits_only
 
 try:  # transformers >= 4.48; older versions have no masking_utils and take the KV-cache path
@@ -33,6 +35,8 @@ try:  # transformers >= 4.48; older versions have no masking_utils and take the 
 except ImportError:  # pragma: no cover
     masking_utils = None
 
+# transformers 5.24 renamed the key/value cache argument and output field ``past_key_values`` -> ``cache``
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 SHARE_MIN_TOKENS = 8  # requests whose contexts share at least this many leading tokens may share a row
 SHARE_MAX_NODES = 512  # ... while the row stays this short (attention cost grows with the square)
 
@@ -229,7 +233,7 @@ def loglik_kv(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]
     # only the last position's logits are read: skip the LM head elsewhere (-15% CPU time)
     res = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **last_logits_only(model))
     last = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V] next-token after the context
-    cache = res.past_key_values
+    cache = getattr(res, CACHE)
     if len(set(counts)) == 1:
         k = counts[0]
         cache.batch_repeat_interleave(k)
@@ -244,7 +248,7 @@ def loglik_kv(model: Any, p_lists: list[list[int]], o_lists: list[list[list[int]
     mask = torch.cat([rep(p_mask), o_mask], dim=1)
     if To > 1:
         res2 = model(input_ids=o_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=o_pos[:, :-1],
-                     past_key_values=cache, use_cache=False)
+                     use_cache=False, **{CACHE: cache})
         lp2 = torch.log_softmax(res2.logits.float(), dim=-1)  # [n_cont, To-1, V]
         tok_lp = lp2.gather(-1, o_ids[:, 1:, None])[..., 0]  # [n_cont, To-1]
     else:

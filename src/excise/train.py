@@ -175,6 +175,8 @@ def as_batches(data: Any, cfg: TrainConfig) -> Any:
     """The object train() draws from (see the module doc for the accepted forms)."""
     if hasattr(data, "batch"):
         return data
+    if isinstance(data, (dict, torch.Tensor)):
+        raise ExciseError("train() needs many batches: a sequence of examples, a callable step -> batch, or an iterator")
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         return Examples(data, cfg.batch_size, seed=cfg.seed)
     if callable(data) or hasattr(data, "__iter__"):
@@ -227,11 +229,13 @@ def _save_checkpoint(acc: Accelerator, directory: Path, step: int, log: list[dic
     acc.wait_for_everyone()
 
 
-def _load_checkpoint(acc: Accelerator, path: Path, cfg: TrainConfig, sched: Any) -> tuple[int, list[dict]]:
+def _load_checkpoint(acc: Accelerator, path: Path, cfg: TrainConfig, sched: Any, source: Any) -> tuple[int, list[dict]]:
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("config") != _comparable(cfg):
         raise ExciseError("the checkpoint was written with other training settings; remove it or use another directory",
                           where=str(path))
+    if hasattr(source, "skip"):
+        source.skip(int(state["step"]))  # the batches already seen; before the RNG state is restored
     acc.load_state(str(path))
     sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(sched.lr_lambdas)}
                           if hasattr(sched, "lr_lambdas") else state["scheduler"])
@@ -258,8 +262,9 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
     Accelerator is created on CPU when the model's weights are on CPU (else accelerate picks
     the device); a given ``accelerator`` is used as is. ``on_step(step, model)`` runs after
     each step (1-based) on the unwrapped model and may return True to stop early (every
-    process must call it; any True stops all). The model is trained in place and returned
-    unwrapped in eval mode.
+    process must call it; any True stops all); a resumed run calls it only for the steps it
+    runs, so state that ``on_step`` keeps is the caller's to save. The model is trained in
+    place and returned unwrapped in eval mode.
     """
     cfg = cfg or TrainConfig()
     if cfg.checkpoint_every and checkpoint_dir is None:
@@ -279,9 +284,7 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
     start, log = 0, []
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is not None:
-        if hasattr(source, "skip"):
-            source.skip(int(json.loads((ckpt / STATE_FILE).read_text())["step"]))  # before the RNG is restored
-        start, log = _load_checkpoint(acc, ckpt, cfg, sched)
+        start, log = _load_checkpoint(acc, ckpt, cfg, sched, source)
     k, nproc, pidx = cfg.grad_accum_steps, acc.num_processes, acc.process_index
     scale = acc.gradient_accumulation_steps / k  # acc.backward divides by its own accumulation count
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", leave=False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -84,14 +84,16 @@ class FinetuneResult:
 
 def finetune(handle: Any, examples: Sequence[ChoiceExample], cfg: FinetuneConfig | None = None, *,
              head_scales: Any = None, grad_masks: dict[str, torch.Tensor] | None = None,
-             accelerator: Any = None, progress: bool = False, checkpoint_dir: str | Path | None = None) -> FinetuneResult:
+             accelerator: Any = None, progress: bool = False, checkpoint_dir: str | Path | None = None,
+             on_step: Callable[[int, Any], bool] | None = None) -> FinetuneResult:
     """Fine-tune ``handle.model`` in place (lora: wrapped in an adapter, stored back in ``handle.model``).
 
     The model is made trainable by :func:`excise.intervene.trainable.make_trainable` and trained
     by :func:`excise.train.train` on the examples (``cfg.batch_size`` per step, seeded order).
     ``head_scales`` (``excise.intervene.heads.HeadScales``) stay attached as a reversible hook
     during training, so the adapter learns on top of the soft-pruned model. ``grad_masks``
-    (method=masked) maps parameter names to 0/1 masks of the parameter's shape.
+    (method=masked) maps parameter names to 0/1 masks of the parameter's shape. ``checkpoint_dir``
+    and ``on_step(step, model) -> stop`` go to :func:`excise.train.train` (checkpoints, resume, early stop).
     """
     cfg = cfg or FinetuneConfig()
     if not examples:
@@ -108,7 +110,7 @@ def finetune(handle: Any, examples: Sequence[ChoiceExample], cfg: FinetuneConfig
 
     try:
         res = train(t.model, Examples(examples, cfg.batch_size, seed=cfg.seed), loss_fn, cfg, accelerator=accelerator,
-                    checkpoint_dir=checkpoint_dir, progress=progress, desc=f"finetune ({cfg.method})")
+                    checkpoint_dir=checkpoint_dir, on_step=on_step, progress=progress, desc=f"finetune ({cfg.method})")
     finally:
         if scaler is not None:
             scaler.remove()

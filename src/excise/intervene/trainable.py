@@ -31,6 +31,7 @@ from excise.intervene.masked_lora import MaskedLora, arm, column_mask, module_na
 from excise.models.anatomy import Anatomy
 
 _INTERNAL = {"peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+_RENAMED = {"alpha": "lora_alpha", "dropout": "lora_dropout", "layers": "layers_to_transform"}  # excise's old names
 
 
 class LoraFields(BaseModel):
@@ -51,7 +52,8 @@ class LoraFields(BaseModel):
         known = {f.name for f in dataclasses.fields(peft.LoraConfig)} - _INTERNAL
         unknown = sorted(set(self.model_extra or {}) - known)
         if unknown:
-            raise ValueError(f"not a peft LoraConfig field: {', '.join(unknown)}")
+            hint = "".join(f" ({k} is now {_RENAMED[k]})" for k in unknown if k in _RENAMED)
+            raise ValueError(f"not a peft LoraConfig field: {', '.join(unknown)}{hint}")
         return self
 
     def to_peft(self, **overrides: Any) -> peft.LoraConfig:

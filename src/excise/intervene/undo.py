@@ -17,6 +17,8 @@ Defaults: beta = 0.1 as in the reference code's runs; alpha is the compute/robus
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -24,6 +26,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.locate.base import LocateData
+from excise.units import unit_param_masks
 from excise.lm import lm_batch
 from excise.train import TrainConfig, train
 
@@ -157,3 +162,41 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
     return {"steps": len(log), "tokens": tokens, "flops": 6.0 * n_params * tokens, "reached": state["reached"],
             "final_kl": log[-1]["loss"] if log else float("nan"), "curve": curve,
             "seconds": log[-1]["seconds"] if log else 0.0}
+
+
+class UndoConfig(NoiseConfig):
+    """UNDO as a registered intervention: noise (masked by the selected units, or global), then distill."""
+
+    distill_steps: int = Field(0, ge=0, description="steps distilling the original model into the noised copy on the "
+                                                  "retain examples (0: noise only, which keeps the change inside the mask)")
+    distill_lr: float = Field(2e-3, gt=0, description="distillation learning rate")
+    distill_batch_size: int = Field(8, ge=1, description="retain examples per distillation step")
+
+
+@INTERVENTIONS.register
+class Undo:
+    """Noise the selected heads' or neurons' weights (all weights without a mask), optionally distil back."""
+
+    name = "noise"
+    Config = UndoConfig
+    accepts = ("neuron", "head", None)
+
+    def __init__(self, config: UndoConfig):
+        self.config = config
+        self.masked = config.distill_steps == 0
+
+    def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
+        check_mask(self, mask)
+        c = self.config
+        student = copy.deepcopy(handle.model)
+        pmask = None if mask is None else unit_param_masks(handle.anatomy, mask.kind, mask.values)
+        info = apply_noise(student, NoiseConfig(alpha=c.alpha, beta=c.beta, seed=c.seed), pmask)
+        if c.distill_steps:
+            data.require(("retain",), self.name)
+            cfg = DistillConfig(max_steps=c.distill_steps, lr=c.distill_lr, warmup=0,
+                                batch_size=c.distill_batch_size, seed=c.seed)
+            info["distill"] = distill(student, handle.model, handle.tokenizer, itertools.cycle(list(data.retain)), cfg)
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        return handle.with_model(student, noise=info)

@@ -13,12 +13,17 @@ with weight ``alpha`` = 100 (WMDP), updating only that layer's MLP (WMDP's choic
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.intervene.trainable import make_trainable
+from excise.locate.base import LocateData
+from excise.units import unit_param_masks
 from excise.lm import lm_batch
 from excise.train import TrainConfig, train
 
@@ -158,3 +163,41 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)
     return train(model, batches, loss_fn, tcfg, params=params, checkpoint_dir=checkpoint_dir, progress=progress,
                  desc=f"unlearn {cfg.method}").log
+
+
+class UnlearnInterventionConfig(UnlearnConfig):
+    """An unlearning objective trained on all weights, or only on the selected units' weight slices."""
+
+    loss_on: Literal["all", "answer"] = Field("answer", description="tokens the losses count: all, or the response")
+
+
+@INTERVENTIONS.register
+class Unlearn:
+    """Fine-tune a copy with an unlearning objective; a head/neuron mask confines the gradient to those units."""
+
+    name = "unlearn"
+    Config = UnlearnInterventionConfig
+    accepts = ("neuron", "head", None)
+    masked = True
+
+    def __init__(self, config: UnlearnInterventionConfig):
+        self.config = config
+
+    def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
+        check_mask(self, mask)
+        c = self.config
+        if c.method == "rmu" and mask is not None:
+            raise ExciseError("unlearning method 'rmu' chooses its own layers; use it without a mask")
+        data.require(("forget",) if c.method == "grad_ascent" else ("forget", "retain"), self.name)
+        model = copy.deepcopy(handle.model)
+        grad_masks = None if mask is None else unit_param_masks(handle.anatomy, mask.kind, mask.values)
+        tr = make_trainable(model, "full", mask=grad_masks)
+        try:
+            log = unlearn(model, handle.tokenizer, cycle(list(data.forget), c.seed),
+                          cycle(list(data.retain), c.seed + 1) if data.retain else None, c)
+        finally:
+            tr.release()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return handle.with_model(model, train_log=log)

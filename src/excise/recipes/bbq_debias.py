@@ -32,8 +32,11 @@ from pydantic import BaseModel, Field, model_validator
 from excise.errors import ExciseError
 from excise.intervene.lora import FinetuneConfig
 from excise.locate.heads import HeadAttributionConfig
+from excise.measure.bbq import bias_scores
+from excise.recipes.bbq_eval import predict, save_predictions
 from excise.recipes.planted import PlantedConfig
 from excise.select import SelectConfig
+from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 
 PLANTED = "planted"
 
@@ -145,7 +148,6 @@ def activation_maps(handle: Any, items: Sequence[Any], directory: Path, tag: str
     import numpy as np
     import torch
 
-    from excise.measure.bbq import loglik_prompt
     from excise.report.plots import heatmap
     from excise.trace import Trace
 
@@ -207,8 +209,6 @@ def _load(cfg: BBQDebiasConfig, console: Any = None, load_base: Any = None) -> t
 
 
 def _evaluate(handle: Any, items: Sequence[Any], cfg: BBQDebiasConfig, d: Path, title: str) -> Any:
-    from excise.measure.bbq import bias_scores, predict, save_predictions
-
     rows = predict(handle, list(items), cfg.scoring, batch_size=cfg.batch_size)
     save_predictions(d / "predictions.jsonl", rows)
     rep = bias_scores(rows, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -235,7 +235,6 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
     from excise.intervene.lora import ChoiceExample, base_state, finetune, save_mitigated
     from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
     from excise.locate.heads import attribute_heads, save_attribution
-    from excise.measure.bbq import loglik_options, loglik_prompt
     from excise.run import Run, seed_everything
     from excise.select import select
 
@@ -356,7 +355,6 @@ def _probe(handle: Any, items: Sequence[Any], scales: Any) -> Any:
     import torch
 
     from excise.intervene.heads import scale_heads
-    from excise.measure.bbq import loglik_prompt
 
     batch = handle.encode([loglik_prompt(x) for x in items])
     hook = scale_heads(handle, scales) if scales is not None else None

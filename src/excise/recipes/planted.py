@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
+from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 
 
 class PlantedConfig(BaseModel):
@@ -139,7 +140,6 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
 
     from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
     from excise.io import atomic_dir, atomic_write_json
-    from excise.measure.bbq import loglik_options, loglik_prompt
     from excise.models import load
     from excise.run import seed_everything
 

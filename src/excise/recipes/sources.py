@@ -18,10 +18,11 @@ from pydantic import BaseModel, Field
 from excise.errors import ExciseError
 from excise.locate.base import Example, LocateData
 from excise.locate.heads import pair_items
-from excise.measure.bbq import bias_scores, predict
+from excise.measure.bbq import bias_scores
 from excise.measure.frame import GroupedResult, estimate_from_dict
 from excise.measure.stats import wilson
 from excise.measure.unlearning import evaluate as concept_evaluate
+from excise.recipes.bbq_eval import predict
 from excise.recipes.bbq_debias import split_items
 from excise.registry import Registry
 from excise.tasks.bbq import load_bbq, sample_bbq
