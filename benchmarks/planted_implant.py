@@ -39,8 +39,8 @@ def main() -> None:
     from excise.locate.heads import mean_logodds
     from excise.measure.stats import mean_ci
     from excise.models import load
-    from excise.recipes.bbq_debias import split_items
-    from excise.recipes.planted import PlantedConfig, build_planted, train_items
+    from excise.tasks.bbq import split_items
+    from excise.organisms.planted import PlantedConfig, build_planted, train_items
     from excise.tasks.bbq import load_bbq, sample_bbq
 
     update = {k: v for k, v in (("steps", args.steps), ("n_train", args.n_train)) if v is not None}

@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     from excise.measure.unlearning import answer_logprobs
     from excise.models import load
     from excise.run import seed_everything
-    from excise.tasks.arithmetic import OPS, PretrainConfig, eval_items, load_model, pretrain
+    from excise.tasks.arithmetic import OPS, eval_items
+    from excise.organisms.arithmetic import PretrainConfig, load_model, pretrain
     from excise.tasks.concepts import load_concept
 
     seed_everything(0)

@@ -88,7 +88,7 @@ def test_planted_head_is_found():
     from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
     from excise.locate.heads import HeadAttributionConfig, attribute_heads
     from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
-    from excise.recipes.planted import head_grad_masks
+    from excise.organisms.planted import head_grad_masks
     from excise.testing import tiny_handle
 
     h = tiny_handle("llama")

@@ -18,7 +18,7 @@ def bbq_items():
 
 
 def test_split_is_by_template_seeded_and_disjoint(bbq_items):
-    from excise.recipes.bbq_debias import split_items
+    from excise.tasks.bbq import split_items
 
     train, held = split_items(bbq_items, 0.5, seed=0)
     assert len(train) + len(held) == len(bbq_items) and train and held
@@ -56,7 +56,7 @@ def test_unlearning_rows_before_after():
 
 
 def test_planted_masks_cover_only_the_heads():
-    from excise.recipes.planted import head_grad_masks
+    from excise.organisms.planted import head_grad_masks
     from excise.testing import tiny_handle
 
     h = tiny_handle("llama")
@@ -73,7 +73,7 @@ def test_planted_masks_cover_only_the_heads():
 def test_planted_kv_masks_take_whole_groups_only():
     """qkvo adds the key/value rows of the heads' group; a partial group is refused (it would change
     query heads outside the planted set)."""
-    from excise.recipes.planted import head_grad_masks
+    from excise.organisms.planted import head_grad_masks
     from excise.testing import tiny_handle
 
     h = tiny_handle("llama")  # 4 query heads, 2 key/value heads: groups {0, 1} and {2, 3}
@@ -87,7 +87,7 @@ def test_planted_kv_masks_take_whole_groups_only():
         head_grad_masks(h, [(1, 2)], "qkvo")
     from pydantic import ValidationError
 
-    from excise.recipes.planted import PlantedConfig
+    from excise.organisms.planted import PlantedConfig
 
     with pytest.raises(ValidationError, match="independent"):  # a group cannot be planted head by head
         PlantedConfig(params="qkvo", independent=True)
@@ -145,7 +145,7 @@ def test_workflow_end_to_end_on_tiny_model(tmp_path):
 @pytest.mark.parametrize("split_by", ["template", "names"])
 def test_planted_training_items_are_never_evaluated(split_by):
     from excise.recipes.bbq_debias import BBQDebiasConfig, planted_config, workflow_items
-    from excise.recipes.planted import train_items
+    from excise.organisms.planted import train_items
 
     cfg = BBQDebiasConfig(model="planted", categories=["Age", "SES"], per_category=40, split_by=split_by, seed=3)
     pc = planted_config(cfg)

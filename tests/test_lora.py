@@ -90,7 +90,7 @@ def test_same_seed_same_adapter():
 
 def test_masked_finetune_changes_only_the_mask():
     from excise.intervene.lora import FinetuneConfig, finetune
-    from excise.recipes.planted import head_grad_masks
+    from excise.organisms.planted import head_grad_masks
     from excise.testing import tiny_handle
 
     h = tiny_handle("llama")

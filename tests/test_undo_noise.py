@@ -132,7 +132,7 @@ def test_snmf_lowers_error_and_keeps_coefficients_nonnegative():
 
 def test_distillation_loss_is_zero_for_identical_models():
     from excise.intervene.undo import DistillConfig, distill
-    from excise.intervene.unlearn import kl_to_ref
+    from excise.losses import kl_to_ref
     from excise.tasks.arithmetic import OPS, train_stream
     from excise.testing import ByteTokenizer
 

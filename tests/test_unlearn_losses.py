@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excise.intervene.unlearn import (
+from excise.losses import (
     IGNORE, grad_ascent, grad_diff, kl_to_ref, maxent, nll, npo, rmu, sequence_logprob,
 )
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, Field
 
 from excise.intervene.trainable import LoraFields, make_trainable
-from excise.intervene.unlearn import nll
+from excise.losses import nll
 from excise.train import TrainConfig, train
 
 

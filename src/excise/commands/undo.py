@@ -64,8 +64,9 @@ def pretrain(
     import torch
 
     from excise.io import read_json
-    from excise.tasks.arithmetic import OPS, RETAIN_OPS, PretrainConfig
-    from excise.tasks.arithmetic import pretrain as _pretrain
+    from excise.tasks.arithmetic import OPS, RETAIN_OPS
+    from excise.organisms.arithmetic import PretrainConfig
+    from excise.organisms.arithmetic import pretrain as _pretrain
 
     if threads:
         torch.set_num_threads(threads)
@@ -92,7 +93,7 @@ def unlearn(
     from excise.config import validate
     from excise.intervene.unlearn_methods import UnlearnConfig, cycle
     from excise.intervene.unlearn_methods import unlearn as _unlearn
-    from excise.tasks.arithmetic import load_model
+    from excise.organisms.arithmetic import load_model
 
     cfg = validate(UnlearnConfig, dict(method=method, steps=steps, lr=lr, seed=seed), "command line")
     h = load_model(model)
@@ -124,7 +125,7 @@ def noise(
     from excise.errors import ExciseError
     from excise.intervene.undo import NoiseConfig, apply_noise
     from excise.locate.paramdiff import mask_summary, param_masks
-    from excise.tasks.arithmetic import load_model
+    from excise.organisms.arithmetic import load_model
 
     cfg = validate(NoiseConfig, dict(alpha=alpha, beta=beta, seed=seed), "command line")
     if mask_from not in ("global", "paramdiff", "fisher", "snmf"):
@@ -176,7 +177,8 @@ def distill(
     from excise.intervene.undo import distill as _distill
     from excise.intervene.unlearn_methods import cycle
     from excise.measure.arithmetic import accuracy_by_op
-    from excise.tasks.arithmetic import RETAIN_OPS, eval_items, load_model
+    from excise.tasks.arithmetic import RETAIN_OPS, eval_items
+    from excise.organisms.arithmetic import load_model
 
     cfg = validate(DistillConfig, dict(max_steps=max_steps, lr=lr, seed=seed), "command line")
     t, s = load_model(teacher), load_model(student)
@@ -220,7 +222,8 @@ def relearn(
     from excise.config import validate
     from excise.errors import ExciseError
     from excise.io import atomic_write_json
-    from excise.tasks.arithmetic import OPS, eval_items, load_items, load_model
+    from excise.tasks.arithmetic import OPS, eval_items, load_items
+    from excise.organisms.arithmetic import load_model
 
     try:
         lr_list = [float(x) for x in lrs.split(",") if x.strip()]

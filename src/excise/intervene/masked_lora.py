@@ -270,8 +270,8 @@ def concept_batches(handle: Any, spec: Any, cfg: UnlearnSettings, model: Any = N
 
 
 def concept_loss(model: Any, batch: dict, cfg: UnlearnSettings) -> torch.Tensor:
-    """Forget objective + retain_weight * KL(p_ref || p) on retain prompts (shared losses, excise.intervene.unlearn)."""
-    from excise.intervene import unlearn as U
+    """Forget objective + retain_weight * KL(p_ref || p) on retain prompts (shared losses, excise.losses)."""
+    from excise import losses as U
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if cfg.objective == "grad_ascent":

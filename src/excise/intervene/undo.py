@@ -117,7 +117,7 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
     """
     import torch
 
-    from excise.intervene.unlearn import kl_to_ref
+    from excise.losses import kl_to_ref
 
     if (retain_check is None) != (teacher_retain is None):
         raise ExciseError("distill: give both retain_check and teacher_retain, or neither")

@@ -1,10 +1,10 @@
 """Unlearning training loops (GradAscent, GradDiff, MaxEnt, NPO, RMU) on the shared losses.
 
-The losses live in :mod:`excise.intervene.unlearn`; this module only feeds them batches; the
+The losses live in :mod:`excise.losses`; this module only feeds them batches; the
 optimizer steps in :func:`excise.train.train` (accelerate), the loop every trainer shares.
 
 Defaults per method (documented in :class:`UnlearnConfig`) follow the sources named in
-:mod:`excise.intervene.unlearn`, scaled to the step counts a small model needs: GradAscent has
+:mod:`excise.losses`, scaled to the step counts a small model needs: GradAscent has
 no retain term (it is the naive baseline); GradDiff, MaxEnt and NPO add the retain NLL with
 weight 1 (TOFU / the UNDO paper's MaxEnt); RMU steers one middle layer's residual stream on
 forget tokens to ``c * u`` (c = 6.5 in WMDP for 7B models) and keeps retain activations
@@ -37,7 +37,7 @@ class UnlearnConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
     method: Literal["grad_ascent", "grad_diff", "maxent", "npo", "rmu"] = Field(
-        "maxent", description="unlearning objective (losses from excise.intervene.unlearn)")
+        "maxent", description="unlearning objective (losses from excise.losses)")
     steps: int = Field(80, ge=1, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant after warm-up)")
     warmup: int = Field(0, ge=0, description="linear warm-up steps")
@@ -97,7 +97,7 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
 
     import torch
 
-    from excise.intervene import unlearn as L
+    from excise import losses as L
     from excise.trace import Trace
 
     torch.manual_seed(cfg.seed)

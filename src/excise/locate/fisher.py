@@ -22,7 +22,7 @@ def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_siz
     """Mean over batches of the squared gradient of the forget NLL (one value per parameter)."""
     import torch
 
-    from excise.intervene.unlearn import nll
+    from excise.losses import nll
 
     if not items:
         raise ExciseError("fisher_scores needs at least one forget item")

@@ -34,6 +34,7 @@ from excise.errors import ExciseError
 from excise.lm import choice_logprobs
 from excise.locate.base import LOCALIZERS, LocateData
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
+from excise.trace import Edit, Trace
 from excise.units import Scores
 
 
@@ -85,37 +86,6 @@ def biased_logodds(lp: torch.Tensor, biased: torch.Tensor) -> torch.Tensor:
 
 # --- one pass: log-odds, activity, attribution ------------------------------------------------------
 
-class _ZGrad:
-    """Pre-hooks on every attention output projection keeping its input (attn.L.z) with gradients."""
-
-    def __init__(self, handle: Any):
-        self.an = handle.anatomy
-        self.calls: list[dict[int, torch.Tensor]] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "_ZGrad":
-        for l in range(self.an.n_layers):
-            self._handles.append(self.an.attn_out(l).register_forward_pre_hook(self._hook(l)))
-        return self
-
-    def _hook(self, l: int):
-        def hook(module, args):
-            x = args[0]
-            if l == 0:
-                self.calls.append({})
-            if x.requires_grad:
-                x.retain_grad()
-            self.calls[-1][l] = x
-            return None
-
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
 def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndarray]:
     """Biased log-odds [N], head activity [N, L, H] and grad.z (first-order drop when ablated) [N, L, H]."""
     an = handle.anatomy
@@ -128,18 +98,23 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
     emb = an.embed()
     h_emb = emb.register_forward_hook(lambda m, a, o: o.requires_grad_(True) if isinstance(o, torch.Tensor) else o)
     try:
-        with torch.enable_grad(), _ZGrad(handle) as zg:
+        with torch.enable_grad(), Trace(handle, [f"attn.{l}.z" for l in range(L)], detach=False, keep_passes=True) as zg:
             lp = choice_logprobs(handle, [loglik_prompt(x) for x in items], [loglik_options(x) for x in items],
                                  model=model)
             biased = torch.tensor([x.target_loc for x in items], device=lp.device)
             lo = biased_logodds(lp, biased)
+            for call in zg.passes:  # gradients of attn.L.z itself: the first-order effect of ablating a head
+                for z in call.values():
+                    if z.requires_grad:
+                        z.retain_grad()
             lo.sum().backward()
             n = len(items)
             contrib = torch.zeros(n, L, H)
             norm = torch.zeros(n, L, H)
             k = 3
-            for ci, call in enumerate(zg.calls):
-                for l, z in call.items():
+            for ci, call in enumerate(zg.passes):
+                for l in range(L):
+                    z = call[f"attn.{l}.z"]
                     g = z.grad if z.grad is not None else torch.zeros_like(z)
                     gz = (g * z).detach().view(z.shape[0], z.shape[1], H, D).sum(-1).sum(1)  # [B, H]
                     if ci == 0:
@@ -224,7 +199,6 @@ class HeadAttribution:
 def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfig | None = None, *,
                     progress: bool = False) -> HeadAttribution:
     """Score every head of a decoder on BBQ pairs built from ``items`` (see module docstring)."""
-    from excise.intervene.heads import HeadScales, scale_heads
     from excise.measure.stats import mean_ci
 
     cfg = cfg or HeadAttributionConfig()
@@ -269,7 +243,7 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
 
         citer = tqdm(cands, desc="ablation check", unit="head")
     for (l, h) in citer:
-        with scale_heads(handle, HeadScales.from_heads(an, [(l, h)], 0.0)):
+        with Trace(handle, edits=[Edit(f"attn.{l}.z", "zero", heads=[h])]):
             ablated = mean_logodds(handle, amb_items, cfg.batch_size)
         e = mean_ci(base - ablated)
         abl[l, h], abl_lo[l, h], abl_hi[l, h] = e.value, e.lo, e.hi

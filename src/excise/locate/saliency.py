@@ -43,7 +43,7 @@ class SaliencyConfig(BaseModel):
 
 def _unit_stats(handle: Any, batch: dict, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example scores [B, L, d_mlp] and [B, L, H] for one batch."""
-    from excise.intervene.unlearn import nll
+    from excise.losses import nll
     from excise.trace import Edit, Trace
 
     an = handle.anatomy

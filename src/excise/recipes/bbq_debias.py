@@ -15,13 +15,12 @@ Stages of one run directory (each resumable, written atomically):
                   items; activation heatmaps after.
 ``report``        ``unlearning_results.csv`` (before/after per category with CIs), ``summary.json``.
 
-``model: planted`` runs the workflow on the planted-bias model (``excise.recipes.planted``),
+``model: planted`` runs the workflow on the planted-bias model (``excise.organisms.planted``),
 whose true bias heads are known, and adds precision@k of the localization.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ from excise.intervene.lora import FinetuneConfig
 from excise.locate.heads import HeadAttributionConfig
 from excise.measure.bbq import bias_scores
 from excise.recipes.bbq_eval import predict, save_predictions
-from excise.recipes.planted import PlantedConfig
+from excise.organisms.planted import PlantedConfig
+from excise.tasks.bbq import split_items
 from excise.select import SelectConfig
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 
@@ -83,27 +83,6 @@ class BBQDebiasConfig(BaseModel):
 
 
 # --- data ------------------------------------------------------------------------------------------
-
-def split_items(items: Sequence[Any], eval_fraction: float = 0.5, seed: int = 0,
-                by: str = "template") -> tuple[list[Any], list[Any]]:
-    """Split BBQ items into (train, held-out eval), seeded and independent of item order.
-
-    ``by="template"``: whole templates (category, question_index) go to one side, so evaluation
-    never sees a question used for training. ``by="names"``: the unit is a template *and* its pair
-    of answer entities (all four condition x polarity variants, both answer orders), so held-out
-    items are unseen texts whose template was seen with other names.
-    """
-    if by not in ("template", "names"):
-        raise ExciseError(f"unknown split '{by}'; choose template or names")
-    train, held = [], []
-    for it in items:
-        unit = f"{it.category}:{it.question_index}"
-        if by == "names":
-            unit += ":" + "|".join(sorted(a.strip().lower() for a in it.answers))
-        h = hashlib.sha256(f"{seed}:{unit}".encode()).digest()
-        (held if int.from_bytes(h[:8], "big") / 2 ** 64 < eval_fraction else train).append(it)
-    return train, held
-
 
 def workflow_items(cfg: BBQDebiasConfig) -> dict[str, list[Any]]:
     """Held-out eval sample, train pairs for localization, disambiguated train items for the fine-tune."""
@@ -196,7 +175,7 @@ def planted_config(cfg: BBQDebiasConfig) -> PlantedConfig:
 
 def _load(cfg: BBQDebiasConfig, console: Any = None, load_base: Any = None) -> tuple[Any, list[tuple[int, int]] | None]:
     from excise.models import load
-    from excise.recipes.planted import build_planted, planted_heads
+    from excise.organisms.planted import build_planted, planted_heads
 
     if load_base is not None:
         return load_base(), None

@@ -2,7 +2,7 @@
 
 For each model: evaluate on held-out BBQ items, localize the heads, soft-prune them, fine-tune a
 LoRA adapter on disambiguated items, re-evaluate, and print a before/after summary with 95% CIs.
-The planted-bias model (``excise.recipes.planted``) is built on the first run and cached; its
+The planted-bias model (``excise.organisms.planted``) is built on the first run and cached; its
 true bias heads are known, so the summary also scores the localization (precision@k). Sizes are
 kept small so the whole job fits in about ten minutes on a laptop-class CPU.
 """
@@ -22,7 +22,7 @@ def demo_config(model: str) -> Any:
     from excise.intervene.lora import FinetuneConfig
     from excise.locate.heads import HeadAttributionConfig
     from excise.recipes.bbq_debias import BBQDebiasConfig
-    from excise.recipes.planted import PlantedConfig
+    from excise.organisms.planted import PlantedConfig
 
     if model == "planted":
         p = PlantedConfig()

@@ -31,7 +31,7 @@ from excise.attack.relearn_arithmetic import RelearnConfig
 from excise.intervene.undo import DistillConfig
 from excise.intervene.unlearn_methods import METHODS, UnlearnConfig
 from excise.locate.snmf import SNMFConfig
-from excise.tasks.arithmetic import PretrainConfig
+from excise.organisms.arithmetic import PretrainConfig
 
 
 def _default_methods() -> dict[str, UnlearnConfig]:
@@ -181,7 +181,7 @@ def _save(model: Any, tokenizer: Any, d: Path) -> None:
 
 
 def _load(path: Path) -> Any:
-    from excise.tasks.arithmetic import load_model
+    from excise.organisms.arithmetic import load_model
 
     return load_model(path)
 
@@ -213,7 +213,8 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
 
     # -- models
     def stage_models(d: Path) -> dict:
-        from excise.tasks.arithmetic import RETAIN_OPS, load_model, pretrain
+        from excise.tasks.arithmetic import RETAIN_OPS
+        from excise.organisms.arithmetic import load_model, pretrain
 
         out_ = {}
         if cfg.model:

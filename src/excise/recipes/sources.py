@@ -23,7 +23,7 @@ from excise.measure.frame import GroupedResult, estimate_from_dict
 from excise.measure.stats import wilson
 from excise.measure.unlearning import evaluate as concept_evaluate
 from excise.recipes.bbq_eval import predict
-from excise.recipes.bbq_debias import split_items
+from excise.tasks.bbq import split_items
 from excise.registry import Registry
 from excise.tasks.bbq import load_bbq, sample_bbq
 from excise.tasks.concepts import format_prompt, load_concept

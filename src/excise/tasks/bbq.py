@@ -16,6 +16,7 @@ question, the other entity for a non-negative one), so the R script's bias score
 from __future__ import annotations
 
 import csv
+import hashlib
 import functools
 import importlib.util
 import json
@@ -24,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from excise.errors import ExciseError, where
 
@@ -521,3 +522,24 @@ def format_prompt(item: BBQItem) -> str:
     """The multiple-choice question as plain text (context, question, three lettered options)."""
     opts = "\n".join(f"{LETTERS[i]}. {a}" for i, a in enumerate(item.answers))
     return f"{item.context}\n{item.question}\n{opts}\nAnswer with A, B or C."
+
+
+def split_items(items: Sequence[Any], eval_fraction: float = 0.5, seed: int = 0,
+                by: str = "template") -> tuple[list[Any], list[Any]]:
+    """Split BBQ items into (train, held-out eval), seeded and independent of item order.
+
+    ``by="template"``: whole templates (category, question_index) go to one side, so evaluation
+    never sees a question used for training. ``by="names"``: the unit is a template *and* its pair
+    of answer entities (all four condition x polarity variants, both answer orders), so held-out
+    items are unseen texts whose template was seen with other names.
+    """
+    if by not in ("template", "names"):
+        raise ExciseError(f"unknown split '{by}'; choose template or names")
+    train, held = [], []
+    for it in items:
+        unit = f"{it.category}:{it.question_index}"
+        if by == "names":
+            unit += ":" + "|".join(sorted(a.strip().lower() for a in it.answers))
+        h = hashlib.sha256(f"{seed}:{unit}".encode()).digest()
+        (held if int.from_bytes(h[:8], "big") / 2 ** 64 < eval_fraction else train).append(it)
+    return train, held

@@ -125,7 +125,7 @@ def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo
 
 def train_items(cfg: PlantedConfig) -> list[Any]:
     """Ambiguous train-split items with a bias target, stratified by polarity (seeded)."""
-    from excise.recipes.bbq_debias import split_items
+    from excise.tasks.bbq import split_items
     from excise.tasks.bbq import load_bbq, sample_bbq
 
     items = [x for x in load_bbq(cfg.categories) if x.target_loc is not None]
