@@ -1,6 +1,6 @@
 """Peak memory of streaming activations to disk: N samples vs 10N samples.
 
-``excise.trace.trace_dataset`` keeps at most one shard in memory, so tracing 10x more samples
+``excise.trace_store.trace_dataset`` keeps at most one shard in memory, so tracing 10x more samples
 should not raise peak RSS. Each size runs in a fresh subprocess (peak RSS is per process and
 never goes down). After loading the model and one warm-up batch, the child resets the kernel's
 peak-RSS mark (``/proc/self/clear_refs``) and reports RSS then and the peak (VmHWM) after tracing,
@@ -60,7 +60,7 @@ def child(args) -> None:
     from excise.models import load
     from excise.run import seed_everything
     from excise.tasks.bbq import format_prompt, load_bbq
-    from excise.trace import trace_dataset
+    from excise.trace_store import trace_dataset
 
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)

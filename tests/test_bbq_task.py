@@ -8,8 +8,8 @@ import pytest
 
 from excise.errors import ExciseError
 from excise.tasks import bbq
-from excise.tasks.bbq import (CATEGORIES, derive_target, load_bbq, load_bbq_hf, load_jsonl, load_metadata,
-                              load_templates, packaged_bbq_dir, sample_bbq)
+from excise.tasks.bbq import CATEGORIES, load_bbq, load_bbq_hf, load_jsonl, packaged_bbq_dir, sample_bbq
+from excise.tasks.bbq_items import derive_target, load_metadata, load_templates
 
 
 @pytest.fixture(scope="module")

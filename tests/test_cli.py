@@ -141,3 +141,17 @@ def test_bbq_bad_split_writes_nothing(tmp_path):
     r = _cli(["bbq", "localize", "--split-by", "sentences", "--out", "X"], tmp_path)
     _assert_one_line_error(r, "split_by")
     assert _listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "fisher_prunes_heads.yaml", "--set", "stages.1.locate.method=nope"], ["unknown localizer 'nope'"]),
+    (["run", "fisher_prunes_heads.yaml", "--set", "stages.2.select.k=0"], ["stages.2.select", "k"]),
+    (["run", "bbq_debias.yaml", "--set", "finetune.lora.r=0"], ["finetune.lora.r"]),
+    (["bbq", "localize", "--set", "finetune.lora.alpha=16"], ["lora_alpha"]),
+    (["concept", "unlearn", "--set", "unlearn.stepz=3"], ["unlearn.stepz", "unknown setting"]),
+    (["run", "fisher_prunes_heads.yaml", "--set", "nokey"], ["KEY.PATH=VALUE"]),
+])
+def test_dotted_overrides_are_validated(tmp_path, args, needles):
+    r = _cli([*args, "--out", str(tmp_path / "out")], cwd=tmp_path)
+    _assert_one_line_error(r, *needles)
+    assert not (tmp_path / "out").exists()

@@ -68,3 +68,38 @@ def test_overrides_set_nested_keys_and_list_items():
 def test_bad_overrides_are_one_line(bad, msg):
     with pytest.raises(ExciseError, match=msg):
         apply_overrides({"stages": [], "finetune": {"lora": {"r": 8}}}, [bad])
+
+
+def test_every_evaluator_gives_a_grouped_result():
+    """BBQ bias scores, concept measures and arithmetic accuracy all convert to the one result type."""
+    from excise.measure.arithmetic import accuracy_frame
+    from excise.measure.bbq import bias_scores
+    from excise.measure.unlearning import frame as concept_frame
+    from excise.organisms.arithmetic import ArithModelConfig, WordDigitTokenizer, build_model
+    from excise.tasks.arithmetic import OPS, eval_items
+
+    rows = []
+    for i in range(40):
+        cond = "ambig" if i % 2 else "disambig"
+        rows.append({"category": "Age" if i < 20 else "SES", "label_type": "label", "context_condition": cond,
+                     "label": 2 if cond == "ambig" else i % 3, "pred": i % 3, "target_loc": (i // 2) % 2,
+                     "unknown_loc": 2})
+    bbq = bias_scores(rows, n_boot=50).frame()
+    assert isinstance(bbq, GroupedResult) and set(bbq.by_group) == {"Age", "SES"}
+    assert bbq["s_amb"].n > 0 and "acc_aligned - acc_conflicting" in bbq.differences
+
+    res = {"metrics": {"answer_prob.paraphrase": {"value": 0.5, "lo": 0.4, "hi": 0.6, "n": 3},
+                       "answer_prob.direct": {"value": 0.9, "lo": 0.8, "hi": 1.0, "n": 3}},
+           "items": [{"set": "direct", "leak": 1}, {"set": "paraphrase", "leak": 0}, {"set": "adv_roleplay", "leak": 1},
+                     {"set": "retain", "correct": 1, "group": "neighbour"}, {"set": "retain", "correct": 0, "group": None}]}
+    concept = concept_frame(res)
+    assert concept["leak.heldout"] == wilson(1, 2)  # the direct probes (build items) are left out
+    assert "answer_prob.direct" not in concept.overall and "probe:direct" not in concept.by_group
+    assert concept.group("retain:neighbour")["retain_accuracy"] == wilson(1, 1)
+
+    tok = WordDigitTokenizer(numbers=True)
+    model = build_model(ArithModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64), tok.vocab_size, seed=0)
+    items = eval_items(OPS, 3, seed=0)
+    arith = accuracy_frame(model, tok, items, n_boot=50)
+    assert set(arith.by_group) == set(OPS) and arith["accuracy"].n == len(items)
+    assert arith["accuracy.forget"].n == 6 and "accuracy.retain - accuracy.forget" in arith.differences

@@ -9,7 +9,8 @@ import torch
 
 from excise.errors import ExciseError
 from excise.testing import DECODERS, ENCODERS, tiny_handle
-from excise.trace import ActivationStore, Edit, Trace, expand_sites, parse_site, run_with_cache, trace_dataset
+from excise.trace import Edit, Trace, expand_sites, parse_site, run_with_cache
+from excise.trace_store import ActivationStore, trace_dataset
 
 FAMILIES = DECODERS + ENCODERS
 TEXTS = ["the cat sat on the mat", "hi", "a longer sentence, with commas"]

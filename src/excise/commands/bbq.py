@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from excise.commands import SET
+
 app = typer.Typer(help="BBQ bias workflow: evaluate, score predictions from any source.", no_args_is_help=True)
 
 
@@ -84,8 +86,9 @@ def score(
 
 # ---------------------------------------------------------------- localize | mitigate | run (the debias workflow)
 
-def _debias_config(model: str, categories: Optional[str], per_category: int, scoring: str, seed: int, **extra):
-    from excise.config import validate
+def _debias_config(model: str, categories: Optional[str], per_category: int, scoring: str, seed: int,
+                   overrides: list[str] = (), **extra):
+    from excise.config import apply_overrides, validate
     from excise.recipes.bbq_debias import BBQDebiasConfig
 
     from excise.recipes.bbq_debias import _default_finetune
@@ -93,17 +96,17 @@ def _debias_config(model: str, categories: Optional[str], per_category: int, sco
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     if "finetune" in extra:  # command-line fine-tune options override the workflow's defaults
         extra["finetune"] = {**_default_finetune().model_dump(), **extra["finetune"]}
-    return validate(BBQDebiasConfig, dict(model=model, categories=cats, per_category=per_category, scoring=scoring,
-                                          seed=seed, **extra), "command line")
+    data = dict(model=model, categories=cats, per_category=per_category, scoring=scoring, seed=seed, **extra)
+    return validate(BBQDebiasConfig, apply_overrides(data, overrides), "command line")
 
 
-def _run_debias(stages, model, categories, per_category, scoring, out, seed, force, extra) -> None:
+def _run_debias(stages, model, categories, per_category, scoring, out, seed, force, extra, overrides=()) -> None:
     from rich.console import Console
 
     from excise.recipes.bbq_debias import run_bbq, summary_text
 
     console = Console()
-    cfg = _debias_config(model, categories, per_category, scoring, seed, **extra)
+    cfg = _debias_config(model, categories, per_category, scoring, seed, list(overrides), **extra)
     s = run_bbq(cfg, out, force=force, console=console, stages=stages)
     if s:
         console.print(summary_text(s), markup=False, highlight=False, soft_wrap=True)
@@ -128,11 +131,12 @@ def _debias_command(stages: tuple[str, ...], doc: str):
         out: Path = typer.Option(Path("runs/bbq_debias"), help="run directory"),
         seed: int = typer.Option(0, help="seed"),
         force: bool = typer.Option(False, "--force", help="overwrite a run directory holding another config"),
+        set_: list[str] = SET,
     ) -> None:
         _run_debias(stages, model, categories, per_category, scoring, out, seed, force,
                     {"pairs_per_category": pairs_per_category, "split_by": split_by,
                      "select": {"method": "topk", "k": k},
-                     "head_scale": head_scale, "finetune": {"method": method, "steps": steps}})
+                     "head_scale": head_scale, "finetune": {"method": method, "steps": steps}}, set_)
 
     command.__doc__ = doc
     return command

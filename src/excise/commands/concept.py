@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from excise.commands import SET
+
 app = typer.Typer(help="Concept unlearning: localize a concept, remove it with a masked LoRA, probe what leaks.",
                   no_args_is_help=True)
 
@@ -26,11 +28,12 @@ def _console():
     return Console()
 
 
-def _cfg(**kw):
-    from excise.config import validate
+def _cfg(overrides: list[str] = (), **kw):
+    from excise.config import apply_overrides, validate
     from excise.recipes.concept_unlearn import ConceptUnlearnConfig
 
-    return validate(ConceptUnlearnConfig, {k: v for k, v in kw.items() if v is not None}, "command line")
+    data = apply_overrides({k: v for k, v in kw.items() if v is not None}, list(overrides))
+    return validate(ConceptUnlearnConfig, data, "command line")
 
 
 @app.command()
@@ -92,11 +95,11 @@ def unlearn(model: str = MODEL, concept: str = CONCEPT, out: Path = typer.Option
             steps: int = typer.Option(15, help="optimizer steps"), lr: float = typer.Option(1e-3, help="learning rate"),
             method: str = typer.Option("saliency", help="localizer for the mask: saliency, fisher or activation"),
             units: str = typer.Option("neuron", help="neuron or head"), k: int = typer.Option(256, help="units in the mask"),
-            device: str = DEVICE, force: bool = FORCE) -> None:
+            device: str = DEVICE, force: bool = FORCE, set_: list[str] = SET) -> None:
     """Screen, measure, localize, train one masked LoRA, measure again; saves the adapter + mask."""
     from excise.recipes.concept_unlearn import run_concept
 
-    cfg = _cfg(model=model, concept=concept, device=device, units=units, localize={"method": method},
+    cfg = _cfg(set_, model=model, concept=concept, device=device, units=units, localize={"method": method},
                select={"method": "topk", "k": k}, unlearn={"objective": objective, "steps": steps, "lr": lr})
     res = run_concept(cfg, out, force=force, console=_console())
     _console().print(f"adapter: {Path(res['dir']) / 'unlearn' / 'adapter'}")
@@ -107,9 +110,10 @@ def run_(model: Optional[str] = typer.Option(None, "--model", help="model (defau
          concept: Optional[str] = typer.Option(None, "--concept", help="concept spec (default: the recipe's, else inception)"), out: Path = typer.Option(Path("runs/concept_compare"), help="run directory"),
          recipe: Optional[Path] = typer.Option(None, help="a concept recipe YAML; its settings are the defaults"),
          device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the recipe's, else cpu)"),
-         quick: bool = typer.Option(False, "--quick", help="small smoke run"), force: bool = FORCE) -> None:
+         quick: bool = typer.Option(False, "--quick", help="small smoke run"), force: bool = FORCE,
+         set_: list[str] = SET) -> None:
     """The whole workflow with the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)."""
-    from excise.config import load_yaml, validate
+    from excise.config import apply_overrides, load_yaml, validate
     from excise.recipes.concept_unlearn import ConceptUnlearnConfig, run_recipe
 
     data: dict = {}
@@ -121,5 +125,6 @@ def run_(model: Optional[str] = typer.Option(None, "--model", help="model (defau
         src = str(recipe)
     data.update({k: v for k, v in {"model": model, "concept": concept, "device": device}.items() if v is not None})
     data["compare"] = True
+    data = apply_overrides(data, set_)
     validate(ConceptUnlearnConfig, data, src)
     run_recipe(data, out, force=force, quick=quick, source=src, console=_console())

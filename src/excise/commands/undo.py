@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from excise.commands import SET
+
 app = typer.Typer(help="Robust unlearning on arithmetic: unlearning baselines, UNDO, targeted UNDO, relearning attacks.",
                   no_args_is_help=True)
 
@@ -243,9 +245,11 @@ def run_cmd(
     config: Optional[Path] = typer.Option(None, help="recipe YAML (default: the packaged robust_unlearn.yaml)"),
     quick: bool = typer.Option(False, "--quick", help="one seed, fewer variants, shorter loops"),
     force: bool = typer.Option(False, "--force", help="overwrite a run directory holding another config"),
+    set_: list[str] = SET,
 ) -> None:
     """The whole comparison: pretrain, unlearn, UNDO (global and targeted), relearn, report."""
     from excise.recipes.loader import run_recipe_file
 
-    res = run_recipe_file(config or "robust_unlearn.yaml", out=out, force=force, quick=quick, console=_console())
+    res = run_recipe_file(config or "robust_unlearn.yaml", out=out, force=force, quick=quick, console=_console(),
+                          overrides=set_)
     _console().print(f"done: {res['dir']}")

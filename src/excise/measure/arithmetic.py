@@ -13,7 +13,8 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from excise import lm
-from excise.measure.stats import Estimate, wilson
+from excise.measure.frame import GroupedResult
+from excise.measure.stats import Estimate, bootstrap_diff, wilson
 
 _NUM = re.compile(r"^\s*(-?\d+)")
 GROUPS = {"forget": ("mul", "div"), "retain": ("add", "sub")}
@@ -47,4 +48,19 @@ def accuracy_by_op(model: Any, tokenizer: Any, items: Sequence[Any], **kw: Any) 
     for g, ops in GROUPS.items():
         v = [c for op in ops for c in by.get(op, [])]
         res[g] = wilson(sum(v), len(v))  # undefined (NaN, n=0) when the group is absent
+    return res
+
+
+def accuracy_frame(model: Any, tokenizer: Any, items: Sequence[Any], *, n_boot: int = 1000, seed: int = 0,
+                   **kw: Any) -> GroupedResult:
+    """Accuracy as the shared result type: by operation, overall per forget/retain group, and the
+    retain - forget difference (bootstrap CI): the gap that unlearning should open."""
+    ok = correctness(model, tokenizer, items, **kw)
+    res = GroupedResult.from_items({"accuracy": [float(c) for c in ok]}, [it.op for it in items], group_by="op",
+                                   n_boot=n_boot, seed=seed)
+    by_group = {g: [float(c) for it, c in zip(items, ok) if it.op in ops] for g, ops in GROUPS.items()}
+    for g, v in by_group.items():
+        res.overall[f"accuracy.{g}"] = wilson(int(sum(v)), len(v))
+    res.differences["accuracy.retain - accuracy.forget"] = bootstrap_diff(
+        by_group["retain"], by_group["forget"], n_boot=n_boot, seed=seed)
     return res

@@ -23,6 +23,7 @@ import numpy as np
 
 from excise.errors import ExciseError, where
 from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from excise.measure.frame import GroupedResult
 from excise.measure.stats import Estimate, bootstrap, bootstrap_diff, wilson
 from excise.report.plots import heatmap
 from excise.tasks.bbq import LETTERS
@@ -78,6 +79,16 @@ class BiasReport:
                 "ci": f"95% percentile bootstrap over items, {self.n_boot} resamples, seed {self.seed}; accuracies: Wilson",
             },
         }
+
+    def frame(self) -> GroupedResult:
+        """This report as the shared result type (groups: category and its "(names)" split)."""
+        metrics = ("s_amb", "s_dis", "acc_ambig", "acc_disambig", "acc_aligned", "acc_conflicting")
+        return GroupedResult(
+            overall={m: getattr(self.overall, m) for m in metrics},
+            by_group={g: {m: getattr(s, m) for m in metrics} for g, s in self.groups.items()},
+            differences={"acc_aligned - acc_conflicting": self.overall.align_gap},
+            group_by="category", meta={"n_rows": self.n_rows, "n_unmatched": self.n_unmatched,
+                                       "n_no_target": self.n_no_target})
 
     def rows(self) -> list[dict[str, Any]]:
         """Long format: one row per (group, metric) with value, CI and n (CSV)."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from excise import lm
+from excise.measure.frame import GroupedResult, estimate_from_dict
 from excise.measure.stats import Estimate, bootstrap, mean_ci, wilson
 from excise.tasks.concepts import format_prompt
 
@@ -120,3 +121,27 @@ def evaluate(handle: Any, spec: Any, *, model: Any = None, max_new_tokens: int =
                      "group": it.group})
     metrics["neutral_perplexity"] = _est(perplexity(handle, spec.neutral, model=model, seed=seed))
     return {"metrics": metrics, "items": rows}
+
+
+def frame(res: dict, build_sets: tuple[str, ...] = ("direct",)) -> GroupedResult:
+    """:func:`evaluate`'s output as the shared result type (groups: probe sets and retain groups).
+
+    Probe sets whose items build or tune the intervention (``build_sets``: the direct probes the
+    unlearning trains on) are left out, so the result is reported on held-out items only.
+    """
+    rows = [r for r in res["items"] if r["set"] not in build_sets]
+    probes = [r for r in rows if r["set"] != "retain"]
+    retain = [r for r in rows if r["set"] == "retain"]
+    overall = {"leak.heldout": wilson(sum(r["leak"] for r in probes), len(probes)),
+               "retain_accuracy": wilson(sum(r["correct"] for r in retain), len(retain))}
+    for k, v in res["metrics"].items():
+        if k == "neutral_perplexity" or (k.startswith("answer_prob.") and k.split(".", 1)[1] not in build_sets):
+            overall[k] = estimate_from_dict(v)
+    by_group: dict[str, dict[str, Any]] = {}
+    for s in sorted({r["set"] for r in probes}):
+        sub = [r["leak"] for r in probes if r["set"] == s]
+        by_group[f"probe:{s}"] = {"leak": wilson(sum(sub), len(sub))}
+    for g in sorted({r.get("group") or "all" for r in retain}):
+        sub = [r["correct"] for r in retain if (r.get("group") or "all") == g]
+        by_group[f"retain:{g}"] = {"retain_accuracy": wilson(sum(sub), len(sub))}
+    return GroupedResult(overall, by_group, {}, group_by="set")

@@ -31,8 +31,9 @@ from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, iter_js
 from excise.measure.bbq import BiasReport, GroupScores, bias_scores
 from excise.models import load
 from excise.run import Run, seed_everything
-from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, BBQItem, _templates_dir, attach_targets, load_bbq,
-                              load_bbq_hf, load_jsonl, packaged_bbq_dir, parse_row, sample_bbq)
+from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, load_bbq, load_bbq_hf, load_jsonl, packaged_bbq_dir,
+                              parse_row, sample_bbq)
+from excise.tasks.bbq_items import BBQItem, attach_targets, find_templates_dir
 from excise.tasks.bbq_prompts import LETTERS, letter_prompt, letter_token_ids, loglik_requests, match_answer
 
 Mode = Literal["loglik", "letter", "generate"]
@@ -195,7 +196,7 @@ def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | 
     """Read predictions from any source: rows with the official BBQ fields plus ``pred`` (an answer
     index 0-2) or a text answer in one of ``prediction``/``answer``/``response``/``output``/
     ``pred_text``, matched with :func:`excise.tasks.bbq_prompts.match_answer`. Targets come from
-    the row (``target_loc``), else the metadata file / derivation (:func:`excise.tasks.bbq.attach_targets`).
+    the row (``target_loc``), else the metadata file / derivation (:func:`excise.tasks.bbq_items.attach_targets`).
     Returns (rows ready for :func:`excise.measure.bbq.bias_scores`, counts by match method)."""
     path = Path(path)
     parsed: list[tuple[BBQItem, int | None, str, str | None]] = []
@@ -226,7 +227,7 @@ def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | 
                 d = packaged_bbq_dir()
             except ExciseError:
                 d = None
-        attach_targets(items, metadata=(d / METADATA_FILE) if d else None, templates=_templates_dir(d) if d else None)
+        attach_targets(items, metadata=(d / METADATA_FILE) if d else None, templates=find_templates_dir(d) if d else None)
     rows, how_counts = [], {}
     for item, p, how, text in parsed:
         extra: dict[str, Any] = {"match": how}

@@ -11,107 +11,46 @@ Stages (each a resumable folder of the run directory):
 * ``after``: the same measures on the unlearned model, and the before/after table.
 * ``compare`` (``compare: true``): masked LoRA (saliency, Fisher, random masks of the same size)
   vs plain LoRA vs full fine-tuning at equal steps, each with a relearning check.
+
+Settings live in :mod:`excise.recipes.concept_config`, tables and figures in
+:mod:`excise.recipes.concept_report`; this module runs the stages.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+import torch
 
-from excise.attack.relearn import RelearnConfig
+from excise.attack.probes import screen
+from excise.attack.relearn import relearn
+from excise.config import validate
 from excise.errors import ExciseError
-from excise.io import iter_jsonl
-from excise.intervene.masked_lora import UnlearnSettings
-from excise.intervene.trainable import LoraFields
-from excise.locate.saliency import SaliencyConfig
-from excise.select import SelectConfig
+from excise.intervene.masked_lora import all_units, load_masked_lora, unlearn_concept
+from excise.intervene.trainable import make_trainable
+from excise.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
+from excise.locate.saliency import random_mask_like, score_units
+from excise.measure.unlearning import evaluate, generate
+from excise.models import load
+from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
+from excise.recipes.concept_report import write_before_after, write_comparison
+from excise.report.plots import heatmap
+from excise.run import Run, seed_everything
+from excise.select import Mask, select
+from excise.tasks.concepts import ConceptSpec, encode_items, load_concept
 
-VARIANTS = ("masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft")
-
-
-class CompareConfig(BaseModel):
-    """The comparison: which variants, at equal steps, and the relearning check."""
-
-    model_config = {"extra": "forbid"}
-    variants: list[Literal["masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft"]] = Field(
-        default_factory=lambda: list(VARIANTS), description="methods compared at the same steps and objective")
-    full_lr: float = Field(2e-5, gt=0, description="learning rate of full fine-tuning (LoRA variants use unlearn.lr)")
-    relearn: RelearnConfig = Field(default_factory=RelearnConfig, description="relearning check run on every variant")
-    relearn_check: Literal["direct", "paraphrase"] = Field(
-        "direct", description="probe family whose leak rate tells that the concept came back")
-
-
-class ConceptUnlearnConfig(BaseModel):
-    """Settings of the concept-unlearning workflow."""
-
-    model_config = {"extra": "forbid", "protected_namespaces": ()}
-    model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
-    concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name")
-    device: str = Field("cpu", description="cpu or cuda")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
-    seed: int = Field(0, description="one seed for data order, LoRA init and random masks")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-    max_new_tokens: int = Field(24, ge=1, description="greedy tokens generated per probe")
-    units: Literal["neuron", "head"] = Field("neuron", description="unit kind the mask and the masked LoRA act on")
-    localize: SaliencyConfig = Field(default_factory=SaliencyConfig, description="how units are scored")
-    select: SelectConfig = Field(default_factory=lambda: SelectConfig(method="topk", k=256, per_layer=False),
-                                 description="how the mask is chosen from the scores")
-    lora: LoraFields = Field(default_factory=LoraFields, description="adapter settings (peft LoraConfig fields)")
-    unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings, description="objective, steps, learning rate")
-    compare: bool = Field(False, description="also run the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)")
-    comparison: CompareConfig = Field(default_factory=CompareConfig, description="settings of the comparison")
-
-
-def _est_cell(m: dict | None, pct: bool = True) -> str:
-    if not m or m.get("value") is None:
-        return "undefined (n=0)"
-    f = (lambda x: f"{100 * x:.0f}") if pct else (lambda x: f"{x:.3g}")
-    lo, hi = m.get("lo"), m.get("hi")
-    ci = f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else ""
-    return f"{f(m['value'])}{ci} (n={m['n']})"
-
-
-ROWS = [("leak.direct", "leak % direct", True), ("leak.paraphrase", "leak % paraphrase", True),
-        ("leak.adversarial", "leak % adversarial (all families)", True),
-        ("answer_logprob.direct", "answer log-prob direct", False), ("answer_prob.direct", "answer prob direct", False),
-        ("retain_accuracy", "retain accuracy %", True), ("retain_accuracy.neighbour", "retain % neighbour films", True),
-        ("retain_accuracy.unrelated", "retain % unrelated facts", True), ("neutral_perplexity", "neutral perplexity", False)]
-
-
-def _family_rows(metrics: dict) -> list[tuple[str, str, bool]]:
-    return [(k, f"leak % {k[len('leak.adv_'):]}", True) for k in sorted(metrics) if k.startswith("leak.adv_")]
-
-
-def _table(columns: dict[str, dict], extra: dict[str, dict[str, str]] | None = None) -> str:
-    """Markdown table: one row per measure, one column per model state."""
-    first = next(iter(columns.values()))
-    rows = ROWS[:3] + _family_rows(first) + ROWS[3:]
-    names = list(columns)
-    out = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label, pct in rows:
-        out.append(f"| {label} | " + " | ".join(_est_cell(columns[n].get(key), pct) for n in names) + " |")
-    for label, cells in (extra or {}).items():
-        out.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in names) + " |")
-    return "\n".join(out) + "\n"
+__all__ = ["ConceptUnlearnConfig", "run_concept", "run_recipe"]
 
 
 def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = False, quick: bool = False,
                 console: Any = None, stop_after: str | None = None) -> dict:
     """Run the workflow's stages in ``out`` (resumable); ``stop_after="localize"`` stops after localization."""
-    import torch
-
-    from excise.attack.probes import screen
-    from excise.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json
-    from excise.measure.unlearning import evaluate
-    from excise.models import load
-    from excise.run import Run, seed_everything
-    from excise.tasks.concepts import ConceptSpec, load_concept
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -164,10 +103,6 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     # --- localize -------------------------------------------------------------------------
     def st_localize(d: Path) -> dict:
-        from excise.locate.saliency import score_units
-        from excise.report.plots import heatmap
-        from excise.select import select
-
         info = {}
         methods = [cfg.localize.method]
         if cfg.compare:
@@ -201,20 +136,12 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         return {"dir": str(run.dir), "before": before, "localize": read_json(loc_dir / "localize.json")}
 
     def mask_for(method: str):
-        from excise.select import Mask
-
         f = loc_dir / f"mask_{method}.pt"
         if not f.exists():  # a comparison added to a finished default run: score with the other localizer now
             f = run.dir / "compare_masks" / f"mask_{method}.pt"
             if not f.exists():
-                from excise.io import atomic_write_bytes
-                from excise.locate.saliency import score_units
-                from excise.select import select
-
                 sc = score_units(handle, spec.forget, spec.retain, cfg.localize.model_copy(update={"method": method}))
-                import io as _io
-
-                buf = _io.BytesIO()
+                buf = io.BytesIO()
                 torch.save(select(sc[cfg.units], cfg.select).values, buf)
                 atomic_write_bytes(f, buf.getvalue())
         return Mask(cfg.units, torch.load(f, weights_only=True))
@@ -223,10 +150,6 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     def train_variant(variant: str, d: Path | None) -> tuple[Any, dict]:
         """Fresh copy of the base model, intervention, equal steps; returns (model, info)."""
-        from excise.intervene.masked_lora import all_units, unlearn_concept
-        from excise.intervene.trainable import make_trainable
-        from excise.locate.saliency import random_mask_like
-
         seed_everything(cfg.seed)
         model = copy.deepcopy(base_model)
         base_sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -269,11 +192,9 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     state: dict[str, Any] = {}
 
     def st_unlearn(d: Path) -> dict:
-        import copy as _c
-
         model, info = train_variant(variant0, d)
         state["model"] = model
-        vh = _c.copy(handle)
+        vh = copy.copy(handle)
         vh.model = model
         t0 = time.time()
         ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed)
@@ -289,24 +210,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     def st_report(d: Path) -> dict:
         kept = read_json(run.stage_dir("screen") / "kept.json")
-        kept_line = ", ".join(f"{k} {v['kept']}/{v['candidates']}" for k, v in kept.items() if isinstance(v, dict) and "kept" in v)
-        extra = {"trainable parameters": {"base": "-", variant0: f"{info0['n_trainable']:,} ({info0['n_effective']:,} free)"},
-                 "max abs dW outside mask": {"base": "-", variant0: f"{info0.get('delta_outside_mask')}"},
-                 "base params changed": {"base": "-", variant0: str(info0.get("base_params_changed"))},
-                 "train time (s)": {"base": "-", variant0: str(info0["train_seconds"])}}
-        md = (f"# {spec.name}: before / after ({variant0}, {cfg.unlearn.objective}, {cfg.unlearn.steps} steps)\n\n"
-              f"Items kept after screening the base model: {kept_line}.\n\n" + _table({"base": before, variant0: after}, extra))
-        atomic_write_text(d / "before_after.md", md)
-        rows = []
-        for key in sorted(set(before) | set(after)):
-            b, a = before.get(key) or {}, after.get(key) or {}
-            rows.append({"measure": key, **{f"before_{k}": b.get(k) for k in ("value", "lo", "hi", "n")},
-                         **{f"after_{k}": a.get(k) for k in ("value", "lo", "hi", "n")}})
-        from excise.run import write_metrics
-
-        write_metrics(d, rows, name="before_after")
-        targets = _targets(before, after)
-        atomic_write_json(d / "targets.json", targets)
+        targets = write_before_after(d, cfg, spec.name, variant0, kept, before, after, info0)
         return {"targets": targets, "seconds": timings}
 
     rep = timed("report", st_report)
@@ -316,11 +220,6 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     # --- comparison -----------------------------------------------------------------------
     if cfg.compare:
         def st_compare(d: Path) -> dict:
-            from excise.attack.relearn import relearn
-            from excise.measure.unlearning import generate
-            from excise.report.plots import heatmap
-            from excise.tasks.concepts import encode_items
-
             cols: dict[str, dict] = {"base": before}
             extra: dict[str, dict[str, str]] = {"trainable parameters": {"base": "-"}, "train time (s)": {"base": "-"},
                                                 "relearn steps to return": {}, "max abs dW outside mask": {"base": "-"}}
@@ -341,8 +240,6 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 vd = d / variant
                 vd.mkdir(parents=True, exist_ok=True)
                 if variant == variant0:  # the default run already trained it: reload its adapter, reuse its measures
-                    from excise.intervene.masked_lora import load_masked_lora
-
                     model = load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
                     info = dict(info0)
                     vh = copy.copy(handle)
@@ -376,30 +273,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 say(f"    {variant}: done (train {info['train_seconds']} s, eval {info.get('eval_seconds')} s, "
                     f"relearn {info['relearn_seconds']} s)")
             extra["relearn steps to return"]["base"] = "0 (knows it)"
-            md = (f"# {spec.name}: comparison at equal steps ({cfg.unlearn.objective}, {cfg.unlearn.steps} steps, "
-                  f"{cfg.units} masks of {mask_for(cfg.localize.method).n_selected} units)\n\n" + _table(cols, extra)
-                  + f"\nRelearning: full fine-tuning (lr {cfg.comparison.relearn.lr}) on the forget facts; the concept "
-                    f"is back when the {cfg.comparison.relearn_check} leak rate reaches {cfg.comparison.relearn.threshold}.\n")
-            atomic_write_text(d / "comparison.md", md)
-            rows = []
-            for v, mets in cols.items():
-                for k, e in mets.items():
-                    rows.append({"variant": v, "measure": k, **(e or {})})
-            from excise.run import write_metrics
-
-            write_metrics(d, rows, name="comparison")
-            from excise.report.plots import lines
-
-            lines({k: ([x for x, _ in pts], [y for _, y in pts]) for k, pts in curves.items()}, d / "relearning.png",
-                  title=f"relearning {spec.name}: {cfg.comparison.relearn_check} leak rate",
-                  xlabel="fine-tuning steps on the forget facts", ylabel="leak rate",
-                  hline=cfg.comparison.relearn.threshold)
-            keys = ["leak.direct", "leak.paraphrase", "leak.adversarial", "retain_accuracy"]
-            import numpy as np
-
-            mat = np.array([[(cols[v].get(k) or {}).get("value") or np.nan for k in keys] for v in cols], dtype=float)
-            heatmap(mat, d / "comparison.png", title="leak and retain rates by method", xlabel="measure", ylabel="method",
-                    xticklabels=keys, yticklabels=list(cols), annotate=True, cmap="viridis")
+            write_comparison(d, cfg, spec.name, mask_for(cfg.localize.method).n_selected, cols, extra, curves)
             return {v: {"leak_direct": s["metrics"]["leak.direct"]["value"],
                         "leak_paraphrase": (s["metrics"].get("leak.paraphrase") or {}).get("value"),
                         "retain_accuracy": s["metrics"]["retain_accuracy"]["value"],
@@ -412,8 +286,6 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
             if prev != json.loads(cfg.comparison.model_dump_json()):
                 if not force:
                     raise ExciseError(f"{cmp_dir} holds a comparison with other settings; pass --force or choose another --out")
-                import shutil
-
                 shutil.rmtree(cmp_dir)
 
         def st_compare_(d: Path) -> dict:
@@ -429,34 +301,9 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     return result
 
 
-def _targets(before: dict, after: dict) -> dict:
-    """The issue's targets, measured: leak <= 10% direct/paraphrase, retain -5 pts, perplexity +10%."""
-    def v(m, k):
-        return (m.get(k) or {}).get("value")
-
-    out = {}
-    for fam in ("direct", "paraphrase"):
-        a = v(after, f"leak.{fam}")
-        out[f"leak_{fam}_le_10pct"] = {"value": a, "met": a is not None and a <= 0.10}
-    rb, ra = v(before, "retain_accuracy"), v(after, "retain_accuracy")
-    drop = None if rb is None or ra is None else 100 * (rb - ra)
-    out["retain_drop_le_5pts"] = {"value": drop, "met": drop is not None and drop <= 5}
-    pb, pa = v(before, "neutral_perplexity"), v(after, "neutral_perplexity")
-    rise = None if not pb or pa is None else 100 * (pa / pb - 1)
-    out["perplexity_rise_le_10pct"] = {"value": rise, "met": rise is not None and rise <= 10}
-    out["adversarial_leak"] = {"value": v(after, "leak.adversarial"), "met": None}
-    return out
-
-
 def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = False, source: str = "recipe",
                console: Any = None) -> dict:
-    from excise.config import validate
-
     cfg = validate(ConceptUnlearnConfig, settings, source)
     if quick:
-        cfg = cfg.model_copy(update={"unlearn": cfg.unlearn.model_copy(update={"steps": min(cfg.unlearn.steps, 4)}),
-                                     "max_new_tokens": min(cfg.max_new_tokens, 16)})
-        if cfg.compare:
-            cfg = cfg.model_copy(update={"comparison": cfg.comparison.model_copy(update={
-                "relearn": cfg.comparison.relearn.model_copy(update={"steps": 2, "eval_every": 1})})})
+        cfg = quick_variant(cfg)
     return run_concept(cfg, out, force=force, quick=quick, console=console)

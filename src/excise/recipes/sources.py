@@ -19,9 +19,9 @@ from excise.errors import ExciseError
 from excise.locate.base import Example, LocateData
 from excise.locate.heads import pair_items
 from excise.measure.bbq import bias_scores
-from excise.measure.frame import GroupedResult, estimate_from_dict
-from excise.measure.stats import wilson
+from excise.measure.frame import GroupedResult
 from excise.measure.unlearning import evaluate as concept_evaluate
+from excise.measure.unlearning import frame
 from excise.recipes.bbq_eval import predict
 from excise.tasks.bbq import split_items
 from excise.registry import Registry
@@ -75,16 +75,6 @@ class BBQSourceConfig(BaseModel):
     data_dir: str | None = Field(None, description="directory of <Category>.jsonl (default: packaged copy)")
 
 
-def bias_frame(rep: Any) -> GroupedResult:
-    """A BBQ BiasReport as a GroupedResult (groups: category and its "(names)" split)."""
-    metrics = ("s_amb", "s_dis", "acc_ambig", "acc_disambig", "acc_aligned", "acc_conflicting")
-    return GroupedResult(
-        overall={m: getattr(rep.overall, m) for m in metrics},
-        by_group={g: {m: getattr(s, m) for m in metrics} for g, s in rep.groups.items()},
-        differences={"acc_aligned - acc_conflicting": rep.overall.align_gap},
-        group_by="category", meta={"n_rows": rep.n_rows, "n_unmatched": rep.n_unmatched})
-
-
 @TASKS.register
 class BBQSource(TaskSource):
     """Forget = ambiguous build items answered with the stereotyped target; retain = disambiguated, correct."""
@@ -109,7 +99,7 @@ class BBQSource(TaskSource):
 
         def evaluate(h: Any) -> GroupedResult:
             rows = predict(h, eval_items, "loglik", batch_size=c.batch_size)
-            return bias_frame(bias_scores(rows, n_boot=c.n_boot, seed=seed))
+            return bias_scores(rows, n_boot=c.n_boot, seed=seed).frame()
 
         ids = lambda xs: [f"{x.category}:{x.example_id}" for x in xs]  # noqa: E731
         return TaskData(LocateData(forget, retain, build_items), evaluate,
@@ -133,26 +123,6 @@ def _held(text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
 
 
-def concept_frame(res: dict, build_sets: tuple[str, ...] = ("direct",)) -> GroupedResult:
-    """Concept measures as a GroupedResult; probe sets used to build (``direct``) are left out."""
-    rows = [r for r in res["items"] if r["set"] not in build_sets]
-    probes = [r for r in rows if r["set"] != "retain"]
-    retain = [r for r in rows if r["set"] == "retain"]
-    overall = {"leak.heldout": wilson(sum(r["leak"] for r in probes), len(probes)),
-               "retain_accuracy": wilson(sum(r["correct"] for r in retain), len(retain))}
-    for k, v in res["metrics"].items():
-        if k == "neutral_perplexity" or (k.startswith("answer_prob.") and k.split(".", 1)[1] not in build_sets):
-            overall[k] = estimate_from_dict(v)
-    by_group: dict[str, dict[str, Any]] = {}
-    for s in sorted({r["set"] for r in probes}):
-        sub = [r["leak"] for r in probes if r["set"] == s]
-        by_group[f"probe:{s}"] = {"leak": wilson(sum(sub), len(sub))}
-    for g in sorted({r.get("group") or "all" for r in retain}):
-        sub = [r["correct"] for r in retain if (r.get("group") or "all") == g]
-        by_group[f"retain:{g}"] = {"retain_accuracy": wilson(sum(sub), len(sub))}
-    return GroupedResult(overall, by_group, {}, group_by="set")
-
-
 @TASKS.register
 class ConceptSource(TaskSource):
     """Forget = direct probes with the concept's answer; retain = half of the retain items (the rest evaluate)."""
@@ -173,7 +143,7 @@ class ConceptSource(TaskSource):
 
         def evaluate(h: Any) -> GroupedResult:
             res = concept_evaluate(h, eval_spec, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=seed)
-            return concept_frame(res)
+            return frame(res)
 
         probes = [it.prompt for fam, its in eval_spec.probe_sets().items() if fam != "direct" for it in its]
         return TaskData(LocateData(forget, retain, list(spec.forget)), evaluate,

@@ -1,0 +1,62 @@
+"""Typed settings of the concept-unlearning workflow (``workflow: concept``).
+
+Kept apart from the workflow so the CLI and the report can validate and read settings
+without importing the training code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from excise.attack.relearn import RelearnConfig
+from excise.intervene.masked_lora import UnlearnSettings
+from excise.intervene.trainable import LoraFields
+from excise.locate.saliency import SaliencyConfig
+from excise.select import SelectConfig
+
+VARIANTS = ("masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft")
+
+
+class CompareConfig(BaseModel):
+    """The comparison: which variants, at equal steps, and the relearning check."""
+
+    model_config = {"extra": "forbid"}
+    variants: list[Literal["masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft"]] = Field(
+        default_factory=lambda: list(VARIANTS), description="methods compared at the same steps and objective")
+    full_lr: float = Field(2e-5, gt=0, description="learning rate of full fine-tuning (LoRA variants use unlearn.lr)")
+    relearn: RelearnConfig = Field(default_factory=RelearnConfig, description="relearning check run on every variant")
+    relearn_check: Literal["direct", "paraphrase"] = Field(
+        "direct", description="probe family whose leak rate tells that the concept came back")
+
+
+class ConceptUnlearnConfig(BaseModel):
+    """Settings of the concept-unlearning workflow."""
+
+    model_config = {"extra": "forbid", "protected_namespaces": ()}
+    model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
+    concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name")
+    device: str = Field("cpu", description="cpu or cuda")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    seed: int = Field(0, description="one seed for data order, LoRA init and random masks")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    max_new_tokens: int = Field(24, ge=1, description="greedy tokens generated per probe")
+    units: Literal["neuron", "head"] = Field("neuron", description="unit kind the mask and the masked LoRA act on")
+    localize: SaliencyConfig = Field(default_factory=SaliencyConfig, description="how units are scored")
+    select: SelectConfig = Field(default_factory=lambda: SelectConfig(method="topk", k=256, per_layer=False),
+                                 description="how the mask is chosen from the scores")
+    lora: LoraFields = Field(default_factory=LoraFields, description="adapter settings (peft LoraConfig fields)")
+    unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings, description="objective, steps, learning rate")
+    compare: bool = Field(False, description="also run the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)")
+    comparison: CompareConfig = Field(default_factory=CompareConfig, description="settings of the comparison")
+
+
+def quick_variant(cfg: ConceptUnlearnConfig) -> ConceptUnlearnConfig:
+    """The smoke run: at most 4 unlearning steps, 16 generated tokens, a 2-step relearning check."""
+    cfg = cfg.model_copy(update={"unlearn": cfg.unlearn.model_copy(update={"steps": min(cfg.unlearn.steps, 4)}),
+                                 "max_new_tokens": min(cfg.max_new_tokens, 16)})
+    if cfg.compare:
+        cfg = cfg.model_copy(update={"comparison": cfg.comparison.model_copy(update={
+            "relearn": cfg.comparison.relearn.model_copy(update={"steps": 2, "eval_every": 1})})})
+    return cfg
