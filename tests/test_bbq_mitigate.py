@@ -32,7 +32,7 @@ def test_split_is_by_template_seeded_and_disjoint(bbq_items):
 
 
 def test_unlearning_rows_before_after():
-    from excise.recipes.bbq_debias import summarize, unlearning_rows
+    from excise.recipes.bbq_report import summarize, unlearning_rows
 
     def e(v, lo, hi, n):
         return {"value": v, "lo": lo, "hi": hi, "n": n}

@@ -153,7 +153,7 @@ def test_load_items_bad_input(tmp_path):
 
 def test_config_bad_input():
     from excise.config import validate
-    from excise.recipes.robust_unlearn import RobustUnlearnConfig
+    from excise.recipes.robust_config import RobustUnlearnConfig
 
     with pytest.raises(ExciseError, match="recipe.yaml:alphas"):
         validate(RobustUnlearnConfig, {"alphas": "lots"}, "recipe.yaml")

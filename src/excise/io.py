@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from excise.errors import ExciseError, where
+
 
 def _json_default(obj: Any) -> Any:
     try:
@@ -143,8 +145,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON, turning a parse error into a one-line ExciseError naming the file and line."""
-    from excise.errors import ExciseError, where
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -162,8 +162,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     A missing file, a line that is not JSON, or a line that is not an object is a one-line
     ExciseError naming the file and line, so every reader of user data fails the same way.
     """
-    from excise.errors import ExciseError, where
-
     path = Path(path)
     if not path.exists():
         raise ExciseError("file not found", where=str(path))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from excise.errors import ExciseError
-from excise.io import atomic_dir, atomic_write_csv, atomic_write_json, read_json
+from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, read_json
 
 
 def seed_everything(seed: int) -> None:
@@ -67,8 +67,6 @@ def write_metrics(directory: str | Path, metrics: Mapping[str, Any] | list[Mappi
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    from excise.io import _nan_to_none, _plain
-
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -102,8 +100,6 @@ class Run:
     CONFIG = "config.json"
 
     def __init__(self, out_dir: str | Path, config: Mapping[str, Any], *, force: bool = False):
-        from excise.io import _nan_to_none
-
         self.dir = Path(out_dir)
         # resolved, JSON-normal form (NaN -> null, so a config with NaN still resumes)
         self.config = json.loads(json.dumps(_nan_to_none(dict(config)), default=str))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from excise.models.load import from_model
+
 TINY: dict[str, dict[str, Any]] = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128),
@@ -67,8 +69,6 @@ def tiny_model(model_type: str, *, seed: int = 0, attn_implementation: str = "ea
 
 def tiny_handle(model_type: str, *, seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
     """A ModelHandle around a tiny model, with a byte-level stand-in tokenizer (no download)."""
-    from excise.models.load import from_model
-
     model = tiny_model(model_type, seed=seed, attn_implementation=attn_implementation, **overrides)
     kind = "encoder" if model_type in ENCODERS else "causal-lm"
     return from_model(model, ByteTokenizer(model.config.vocab_size), name=f"tiny-{model_type}", kind=kind)

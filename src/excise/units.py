@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from excise.errors import ExciseError
+from excise.io import atomic_write_bytes
 
 UNIT_KINDS = ("head", "neuron", "feature", "param")
 
@@ -55,10 +58,6 @@ class Scores:
         return rows
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save
-
-        from excise.io import atomic_write_bytes
-
         tensors = self.values if isinstance(self.values, dict) else {"values": self.values}
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                     metadata={"kind": self.kind, "method": self.method})
@@ -66,8 +65,6 @@ class Scores:
 
     @classmethod
     def load(cls, path: str) -> "Scores":
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -20,10 +20,13 @@ import copy
 import math
 from typing import Any, Literal, Sequence
 
+import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
+from excise.intervene.unlearn_methods import cycle
 from excise.lm import lm_batch
+from excise.measure.arithmetic import accuracy_by_op
 from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, train_items
 from excise.train import TrainConfig, train
 
@@ -74,11 +77,6 @@ def curve_summary(curve: Sequence[dict], key: str = "forget") -> dict:
 def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Sequence[Item],
             items: Sequence[Item] | None = None) -> dict:
     """Run the attack for every learning rate on a fresh copy of ``model``; the model itself is untouched."""
-    import torch
-
-    from excise.intervene.unlearn_methods import cycle
-    from excise.measure.arithmetic import accuracy_by_op
-
     data = attack_items(cfg.data, cfg.n_items, cfg.seed, items=items)
 
     def evaluate(m: Any) -> dict:

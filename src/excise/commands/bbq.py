@@ -103,7 +103,8 @@ def _debias_config(model: str, categories: Optional[str], per_category: int, sco
 def _run_debias(stages, model, categories, per_category, scoring, out, seed, force, extra, overrides=()) -> None:
     from rich.console import Console
 
-    from excise.recipes.bbq_debias import run_bbq, summary_text
+    from excise.recipes.bbq_debias import run_bbq
+    from excise.recipes.bbq_report import summary_text
 
     console = Console()
     cfg = _debias_config(model, categories, per_category, scoring, seed, list(overrides), **extra)

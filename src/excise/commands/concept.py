@@ -30,7 +30,7 @@ def _console():
 
 def _cfg(overrides: list[str] = (), **kw):
     from excise.config import apply_overrides, validate
-    from excise.recipes.concept_unlearn import ConceptUnlearnConfig
+    from excise.recipes.concept_config import ConceptUnlearnConfig
 
     data = apply_overrides({k: v for k, v in kw.items() if v is not None}, list(overrides))
     return validate(ConceptUnlearnConfig, data, "command line")
@@ -114,7 +114,8 @@ def run_(model: Optional[str] = typer.Option(None, "--model", help="model (defau
          set_: list[str] = SET) -> None:
     """The whole workflow with the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)."""
     from excise.config import apply_overrides, load_yaml, validate
-    from excise.recipes.concept_unlearn import ConceptUnlearnConfig, run_recipe
+    from excise.recipes.concept_config import ConceptUnlearnConfig
+    from excise.recipes.concept_unlearn import run_recipe
 
     data: dict = {}
     src = "command line"

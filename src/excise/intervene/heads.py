@@ -8,16 +8,17 @@ matching columns of the projection's weight (rows, for GPT-2's transposed Conv1D
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Iterable
 
-import copy
-
 import torch
 from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save
 
 from excise.errors import ExciseError
 from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.io import atomic_write_bytes
 from excise.locate.base import LocateData
 from excise.trace import Edit, Trace
 
@@ -66,18 +67,12 @@ class HeadScales:
 
     def save(self, directory: str | Path) -> Path:
         """Save as a small safetensors file next to the model or adapter."""
-        from safetensors.torch import save
-
-        from excise.io import atomic_write_bytes
-
         path = Path(directory) / self.FILE
         data = save({"head_scales": self.values.contiguous()}, metadata={"format": "excise.head_scales/1"})
         return atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScales":
-        from safetensors.torch import load_file
-
         path = Path(path)
         if path.is_dir():
             path = path / cls.FILE

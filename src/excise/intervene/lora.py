@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
+from peft import PeftModel
 from pydantic import Field
 
 from excise.errors import ExciseError
-from excise.intervene.heads import scale_heads
+from excise.intervene.heads import HeadScales, scale_heads
 from excise.intervene.trainable import LoraFields, make_trainable
+from excise.io import atomic_dir, atomic_write_json, read_json
 from excise.lm import choice_logprobs
+from excise.models import load
 from excise.train import Examples, TrainConfig, train
 
 
@@ -141,8 +144,6 @@ def save_mitigated(handle: Any, directory: str | Path, *, head_scales: Any = Non
     The base model is referenced by name (``base``, default the handle's name), not copied, for
     adapters; a full fine-tune saves the whole model as safetensors.
     """
-    from excise.io import atomic_dir, atomic_write_json
-
     directory = Path(directory)
     is_peft = hasattr(handle.model, "peft_config")
     with atomic_dir(directory) as tmp:
@@ -167,10 +168,6 @@ def load_mitigated(directory: str | Path, *, device: str = "cpu", dtype: str = "
     folds the adapter into the weights (same outputs, no peft at inference). ``base_handle``
     supplies an already-loaded base model (e.g. an in-memory one) instead of loading ``base``.
     """
-    from excise.intervene.heads import HeadScales, scale_heads
-    from excise.io import read_json
-    from excise.models import load
-
     directory = Path(directory)
     info_path = directory / MITIGATION_FILE
     if not info_path.exists():
@@ -179,8 +176,6 @@ def load_mitigated(directory: str | Path, *, device: str = "cpu", dtype: str = "
     if info.get("format") != "excise.mitigated/1":
         raise ExciseError("unknown format", where=f"{info_path}:format")
     if info.get("adapter"):
-        from peft import PeftModel
-
         handle = base_handle or load(info["base"], device=device, dtype=dtype, attn_implementation=attn_implementation)
         handle.model = PeftModel.from_pretrained(handle.model, str(directory / "adapter"))
         if merge:

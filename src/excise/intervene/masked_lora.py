@@ -22,13 +22,22 @@ work unchanged. The adapter is built by :func:`excise.intervene.trainable.make_t
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import PeftModel
 from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from excise import losses as U
 from excise.errors import ExciseError
+from excise.io import atomic_dir
+from excise.models.anatomy import Anatomy
+from excise.select import Mask
+from excise.tasks.concepts import encode_items
 from excise.train import TrainConfig, train
 
 MASK_FILE = "unit_mask.safetensors"
@@ -133,10 +142,6 @@ class MaskedLora:
 
     def save(self, directory: str | Path) -> Path:
         """PEFT adapter files + ``unit_mask.safetensors`` (unit mask and per-module column masks), atomically."""
-        from safetensors.torch import save_file
-
-        from excise.io import atomic_dir
-
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             self.model.save_pretrained(str(tmp))
@@ -164,9 +169,6 @@ class MaskedLora:
 
 def all_units(model: Any, kind: str) -> Any:
     """A mask selecting every unit of ``kind`` in every layer: the unmasked (plain LoRA) baseline."""
-    from excise.models.anatomy import Anatomy
-    from excise.select import Mask
-
     an = Anatomy.of(model)
     width = an.d_mlp if kind == "neuron" else an.n_heads
     return Mask(kind, torch.ones(an.n_layers, width, dtype=torch.bool))
@@ -174,11 +176,6 @@ def all_units(model: Any, kind: str) -> Any:
 
 def load_masked_lora(model: Any, directory: str | Path, *, trainable: bool = False) -> MaskedLora:
     """Load a saved masked LoRA onto ``model``; refuses an adapter that writes outside its mask."""
-    from peft import PeftModel
-    from safetensors import safe_open
-
-    from excise.select import Mask
-
     directory = Path(directory)
     mf = directory / MASK_FILE
     if not (directory / "adapter_config.json").exists() or not mf.exists():
@@ -228,8 +225,6 @@ class UnlearnSettings(TrainConfig):
 
 
 def _chunks(items: list, size: int, seed: int) -> list[list]:
-    import random
-
     order = list(items)
     random.Random(seed).shuffle(order)
     return [order[s:s + size] for s in range(0, len(order), size)]
@@ -240,8 +235,6 @@ def concept_batches(handle: Any, spec: Any, cfg: UnlearnSettings, model: Any = N
 
     ``model`` must be the unmodified model (adapters not yet trained: B = 0 gives the base outputs).
     """
-    from excise.tasks.concepts import encode_items
-
     model = model if model is not None else handle.model
     f_chunks = _chunks(list(spec.forget), cfg.batch_size, cfg.seed)
     r_chunks = _chunks(list(spec.retain_train or spec.retain), cfg.batch_size, cfg.seed + 1)
@@ -271,8 +264,6 @@ def concept_batches(handle: Any, spec: Any, cfg: UnlearnSettings, model: Any = N
 
 def concept_loss(model: Any, batch: dict, cfg: UnlearnSettings) -> torch.Tensor:
     """Forget objective + retain_weight * KL(p_ref || p) on retain prompts (shared losses, excise.losses)."""
-    from excise import losses as U
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if cfg.objective == "grad_ascent":
         loss = U.grad_ascent(logits, batch["labels"])

@@ -23,14 +23,16 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
 from excise.intervene.base import INTERVENTIONS, check_mask
-from excise.locate.base import LocateData
-from excise.units import unit_param_masks
 from excise.lm import lm_batch
+from excise.locate.base import LocateData
+from excise.losses import kl_to_ref
 from excise.train import TrainConfig, train
+from excise.units import unit_param_masks
 
 
 class NoiseConfig(BaseModel):
@@ -44,8 +46,6 @@ class NoiseConfig(BaseModel):
 
 def xavier_noise(shape: Sequence[int], generator: Any) -> Any:
     """Xavier-uniform sample: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (torch's fan convention)."""
-    import torch
-
     t = torch.empty(*shape)
     fan_out, fan_in = shape[0], int(math.prod(shape[1:]))
     bound = math.sqrt(6.0 / (fan_in + fan_out))
@@ -59,8 +59,6 @@ def apply_noise(model: Any, cfg: NoiseConfig, mask: Mapping[str, Any] | None = N
     shape with values in [0, 1]. Noise draws use one seeded CPU generator in parameter order,
     so the same seed gives the same noise whatever the mask.
     """
-    import torch
-
     if mask is not None:
         names = dict(model.named_parameters())
         for k, m in mask.items():
@@ -115,10 +113,6 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
     Returns steps, tokens, estimated FLOPs (6 * params * tokens, student training only), whether
     the retain target was reached, and the retain-accuracy curve.
     """
-    import torch
-
-    from excise.losses import kl_to_ref
-
     if (retain_check is None) != (teacher_retain is None):
         raise ExciseError("distill: give both retain_check and teacher_retain, or neither")
     torch.manual_seed(cfg.seed)

@@ -14,18 +14,23 @@ with weight ``alpha`` = 100 (WMDP), updating only that layer's MLP (WMDP's choic
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+import torch
 from pydantic import BaseModel, Field
 
+from excise import losses as L
 from excise.errors import ExciseError
 from excise.intervene.base import INTERVENTIONS, check_mask
 from excise.intervene.trainable import make_trainable
-from excise.locate.base import LocateData
-from excise.units import unit_param_masks
 from excise.lm import lm_batch
+from excise.locate.base import LocateData
+from excise.models.anatomy import Anatomy
+from excise.trace import Trace
 from excise.train import TrainConfig, train
+from excise.units import unit_param_masks
 
 METHODS = ("grad_ascent", "grad_diff", "maxent", "npo", "rmu")
 
@@ -70,8 +75,6 @@ def pair_batches(tokenizer: Any, forget: Iterator[Any], retain: Iterator[Any] | 
 
 def cycle(items: Sequence[Any], seed: int) -> Iterator[Any]:
     """Endless shuffled passes over a finite list (a user's data file)."""
-    import random
-
     if not items:
         raise ExciseError("empty item list")
     rng = random.Random(seed)
@@ -82,8 +85,6 @@ def cycle(items: Sequence[Any], seed: int) -> Iterator[Any]:
 
 
 def _middle_layer(model: Any) -> int:
-    from excise.models.anatomy import Anatomy
-
     return Anatomy.of(model).n_layers // 2
 
 
@@ -93,13 +94,6 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
 
     Trains through :func:`excise.train.train`; returns its per-step log (step, loss, lr, tokens, seconds).
     """
-    import copy
-
-    import torch
-
-    from excise import losses as L
-    from excise.trace import Trace
-
     torch.manual_seed(cfg.seed)
     needs_retain = cfg.method != "grad_ascent"
     if needs_retain and retain is None:
@@ -135,8 +129,6 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
                 ref = frozen(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             return L.npo(f, ref, b["labels"], beta=cfg.npo_beta) + cfg.retain_weight * retain_nll(m, b)
     else:  # rmu
-        from excise.models.anatomy import Anatomy
-
         an = Anatomy.of(model)
         layer = cfg.rmu_layer if cfg.rmu_layer is not None else _middle_layer(model)
         if not 0 <= layer < an.n_layers:

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from excise.errors import ExciseError
-from excise.lm import lm_batch
+import torch
 from pydantic import BaseModel, Field
 
+from excise.errors import ExciseError
+from excise.lm import lm_batch
 from excise.locate.base import LOCALIZERS, LocateData
+from excise.losses import nll
 from excise.units import Scores, aggregate_param_scores
 
 
 def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_size: int = 16,
                   loss_on: str = "all") -> Scores:
     """Mean over batches of the squared gradient of the forget NLL (one value per parameter)."""
-    import torch
-
-    from excise.losses import nll
-
     if not items:
         raise ExciseError("fisher_scores needs at least one forget item")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -24,15 +24,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from excise.errors import ExciseError
+from excise.io import atomic_write_csv
 from excise.lm import choice_logprobs
 from excise.locate.base import LOCALIZERS, LocateData
+from excise.measure.stats import mean_ci
+from excise.report.plots import heatmap
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 from excise.trace import Edit, Trace
 from excise.units import Scores
@@ -199,8 +204,6 @@ class HeadAttribution:
 def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfig | None = None, *,
                     progress: bool = False) -> HeadAttribution:
     """Score every head of a decoder on BBQ pairs built from ``items`` (see module docstring)."""
-    from excise.measure.stats import mean_ci
-
     cfg = cfg or HeadAttributionConfig()
     an = handle.anatomy
     if an is None or not an.spec.is_decoder:
@@ -213,8 +216,6 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
     parts = []
     it = range(0, len(flat), cfg.batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc="attribution", unit="batch")
     for s in it:
         parts.append(_pass(handle, flat[s:s + cfg.batch_size], cfg.activity))
@@ -239,8 +240,6 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
     abl_lo, abl_hi = abl.copy(), abl.copy()
     citer = cands
     if progress:
-        from tqdm.auto import tqdm
-
         citer = tqdm(cands, desc="ablation check", unit="head")
     for (l, h) in citer:
         with Trace(handle, edits=[Edit(f"attn.{l}.z", "zero", heads=[h])]):
@@ -259,11 +258,6 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
 
 def save_attribution(att: HeadAttribution, directory: Any, *, title: str = "") -> list[str]:
     """Write heads.csv (ranked table), head_scores.safetensors and layer x head heatmaps."""
-    from pathlib import Path
-
-    from excise.io import atomic_write_csv
-    from excise.report.plots import heatmap
-
     d = Path(directory)
     atomic_write_csv(d / "heads.csv", att.rows())
     att.scores.save(str(d / "head_scores.safetensors"))

@@ -26,6 +26,10 @@ from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
 from excise.locate.base import LOCALIZERS, LocateData
+from excise.losses import nll
+from excise.select import Mask
+from excise.tasks.concepts import encode_items
+from excise.trace import Edit, Trace
 from excise.units import Scores
 
 METHODS = ("saliency", "fisher", "activation")
@@ -43,9 +47,6 @@ class SaliencyConfig(BaseModel):
 
 def _unit_stats(handle: Any, batch: dict, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example scores [B, L, d_mlp] and [B, L, H] for one batch."""
-    from excise.losses import nll
-    from excise.trace import Edit, Trace
-
     an = handle.anatomy
     L, H = an.n_layers, an.n_heads
     # scale-by-1 edits put the per-head view of attn.L.z on the autograd path (exact: x * 1.0)
@@ -104,8 +105,6 @@ def score_units(handle: Any, forget: Sequence[Any], retain: Sequence[Any] = (), 
     ``forget``/``retain`` are concept items (prompt + response); the loss is the NLL of each
     item's target response. The model is left unchanged (no parameter gradients are kept).
     """
-    from excise.tasks.concepts import encode_items
-
     cfg = cfg or SaliencyConfig()
     if not forget:
         raise ExciseError("score_units needs at least one forget item")
@@ -150,8 +149,6 @@ def random_scores(like: Scores, seed: int = 0) -> Scores:
 
 def random_mask_like(mask: Any, seed: int = 0) -> Any:
     """A random mask with the same number of units in every layer as ``mask`` (same size, same layers)."""
-    from excise.select import Mask
-
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros_like(mask.values)
     for l in range(mask.values.shape[0]):

@@ -19,11 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
 from excise.lm import lm_batch
 from excise.locate.base import LOCALIZERS, LocateData
+from excise.models.anatomy import Anatomy
+from excise.trace import Trace
 from excise.units import Scores
 
 
@@ -36,8 +39,6 @@ class SNMFResult:
 
 def semi_nmf(X: Any, k: int, *, iters: int = 100, seed: int = 0, eps: float = 1e-9) -> SNMFResult:
     """Factor X [d, n] ~= F G^T with G >= 0 (Ding et al., 2010 updates)."""
-    import torch
-
     X = torch.as_tensor(X, dtype=torch.float64)
     if X.dim() != 2:
         raise ExciseError(f"semi_nmf needs a matrix, got shape {tuple(X.shape)}")
@@ -74,10 +75,6 @@ class SNMFConfig(BaseModel):
 def mlp_activations(handle: Any, tokenizer: Any, items: Sequence[Any], layers: Sequence[int],
                     batch_size: int = 64) -> dict[int, Any]:
     """``mlp.L.hidden`` at every real token of the items' full texts: {layer: [n_tokens, d_mlp]}."""
-    import torch
-
-    from excise.trace import Trace
-
     sites = [f"mlp.{l}.hidden" for l in layers]
     out: dict[int, list] = {l: [] for l in layers}
     device = next(handle.model.parameters()).device
@@ -99,8 +96,6 @@ def snmf_scores(handle: Any, tokenizer: Any, forget: Sequence[Any], retain: Sequ
     ``(mean coef on forget - mean coef on retain) / (sum of both)``; the ``n_forget_features``
     features with the largest positive contrast score neurons by ``sum_k contrast_k * |F[:, k]|``.
     """
-    import torch
-
     cfg = cfg or SNMFConfig()
     if not forget or not retain:
         raise ExciseError("snmf_scores needs forget and retain items")
@@ -133,10 +128,6 @@ def snmf_scores(handle: Any, tokenizer: Any, forget: Sequence[Any], retain: Sequ
 
 def neuron_param_masks(model: Any, neuron_mask: Any) -> dict[str, Any]:
     """Map a neuron mask [n_layers, d_mlp] to parameter masks on the down-projections' input rows."""
-    import torch
-
-    from excise.models.anatomy import Anatomy
-
     an = Anatomy.of(model)
     nm = torch.as_tensor(neuron_mask).float()
     if tuple(nm.shape) != (an.n_layers, an.d_mlp):

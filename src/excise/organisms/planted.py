@@ -24,9 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
+from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
+from excise.io import atomic_dir, atomic_write_json, read_json
+from excise.models import load
+from excise.models.defaults import prepared_dir
+from excise.run import seed_everything
+from excise.tasks.bbq import load_bbq, sample_bbq, split_items
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 
 
@@ -72,8 +79,6 @@ class PlantedConfig(BaseModel):
 
 
 def planted_dir(cfg: PlantedConfig) -> Path:
-    from excise.models.defaults import prepared_dir
-
     return prepared_dir(f"planted-{cfg.key()}")
 
 
@@ -82,8 +87,6 @@ def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo
     ``k``/``v`` in ``params`` the key/value rows of its key/value head. Keys and values are shared by
     every query head of a group under grouped-query attention, so then ``heads`` must hold whole
     groups: otherwise a head outside the planted set would change."""
-    import torch
-
     an = handle.anatomy
     group = an.n_heads // (an.n_kv_heads or an.n_heads)  # query heads per key/value head
     if "k" in params or "v" in params:
@@ -125,9 +128,6 @@ def head_grad_masks(handle: Any, heads: list[tuple[int, int]], params: str = "qo
 
 def train_items(cfg: PlantedConfig) -> list[Any]:
     """Ambiguous train-split items with a bias target, stratified by polarity (seeded)."""
-    from excise.tasks.bbq import split_items
-    from excise.tasks.bbq import load_bbq, sample_bbq
-
     items = [x for x in load_bbq(cfg.categories) if x.target_loc is not None]
     train, _ = split_items(items, cfg.eval_fraction, cfg.seed, cfg.split_by)
     amb = [x for x in train if x.context_condition == "ambig"]
@@ -136,13 +136,6 @@ def train_items(cfg: PlantedConfig) -> list[Any]:
 
 def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, console: Any = None) -> Path:
     """Build (or find in the cache) the planted-bias model; returns its directory."""
-    import torch
-
-    from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
-    from excise.io import atomic_dir, atomic_write_json
-    from excise.models import load
-    from excise.run import seed_everything
-
     cfg = cfg or PlantedConfig()
     target = planted_dir(cfg)
     if (target / "planted.json").exists() and not force:
@@ -215,7 +208,5 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
 
 
 def planted_heads(directory: str | Path) -> list[tuple[int, int]]:
-    from excise.io import read_json
-
     info = read_json(Path(directory) / "planted.json")
     return [tuple(h) for h in info["heads"]]

@@ -22,21 +22,33 @@ whose true bias heads are known, and adds precision@k of the localization.
 from __future__ import annotations
 
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
+import torch
 from pydantic import BaseModel, Field, model_validator
 
+from excise.config import validate
 from excise.errors import ExciseError
-from excise.intervene.lora import FinetuneConfig
-from excise.locate.heads import HeadAttributionConfig
+from excise.intervene.heads import HeadScales, scale_heads
+from excise.intervene.lora import (ChoiceExample, FinetuneConfig, base_state, finetune,
+                                   load_mitigated as _load_mitigated, save_mitigated)
+from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from excise.locate.heads import HeadAttributionConfig, attribute_heads, pair_items, save_attribution
 from excise.measure.bbq import bias_scores
+from excise.models import load
+from excise.organisms.planted import PlantedConfig, build_planted, planted_heads
 from excise.recipes.bbq_eval import predict, save_predictions
-from excise.organisms.planted import PlantedConfig
-from excise.tasks.bbq import split_items
-from excise.select import SelectConfig
+from excise.recipes.bbq_report import summarize, summary_text, unlearning_rows
+from excise.report.plots import heatmap
+from excise.run import Run, seed_everything
+from excise.select import SelectConfig, select
+from excise.tasks.bbq import CATEGORIES, load_bbq, sample_bbq, split_items
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
+from excise.trace import Trace
 
 PLANTED = "planted"
 
@@ -86,11 +98,6 @@ class BBQDebiasConfig(BaseModel):
 
 def workflow_items(cfg: BBQDebiasConfig) -> dict[str, list[Any]]:
     """Held-out eval sample, train pairs for localization, disambiguated train items for the fine-tune."""
-    import random
-
-    from excise.locate.heads import pair_items
-    from excise.tasks.bbq import load_bbq, sample_bbq
-
     items = load_bbq(cfg.categories, data_dir=cfg.data_dir)
     train, held = split_items(items, cfg.eval_fraction, cfg.seed, cfg.split_by)
     eval_items = sample_bbq(held, cfg.per_category, seed=cfg.seed)
@@ -124,12 +131,6 @@ def _ids(items: Sequence[Any]) -> list[list[Any]]:
 def activation_maps(handle: Any, items: Sequence[Any], directory: Path, tag: str) -> dict[str, Any]:
     """Hidden states (every layer and the last), MLP outputs and every head's attention for the
     traced prompts, as heatmaps; returns the per-layer summaries (for before/after differences)."""
-    import numpy as np
-    import torch
-
-    from excise.report.plots import heatmap
-    from excise.trace import Trace
-
     an = handle.anatomy
     L, H = an.n_layers, an.n_heads
     texts = [loglik_prompt(x) for x in items]
@@ -174,9 +175,6 @@ def planted_config(cfg: BBQDebiasConfig) -> PlantedConfig:
 
 
 def _load(cfg: BBQDebiasConfig, console: Any = None, load_base: Any = None) -> tuple[Any, list[tuple[int, int]] | None]:
-    from excise.models import load
-    from excise.organisms.planted import build_planted, planted_heads
-
     if load_base is not None:
         return load_base(), None
     if cfg.model == PLANTED:
@@ -208,17 +206,6 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
     ``load_base`` (a no-argument callable returning a handle) replaces loading ``cfg.model``, for
     in-memory models; it is called again to reload the mitigated model on top of a fresh base.
     """
-    import torch
-
-    from excise.intervene.heads import HeadScales
-    from excise.intervene.lora import ChoiceExample, base_state, finetune, save_mitigated
-    from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
-    from excise.locate.heads import attribute_heads, save_attribution
-    from excise.run import Run, seed_everything
-    from excise.select import select
-
-    from excise.tasks.bbq import CATEGORIES
-
     bad = [c for c in (cfg.categories or []) if c not in CATEGORIES]
     if bad:  # fail before loading anything
         raise ExciseError(f"unknown BBQ category '{bad[0]}'; choose from {', '.join(CATEGORIES)}")
@@ -331,10 +318,6 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
 
 def _probe(handle: Any, items: Sequence[Any], scales: Any) -> Any:
     """Last-token logits of a few prompts (with the head scales attached when given)."""
-    import torch
-
-    from excise.intervene.heads import scale_heads
-
     batch = handle.encode([loglik_prompt(x) for x in items])
     hook = scale_heads(handle, scales) if scales is not None else None
     try:
@@ -349,93 +332,12 @@ def _probe(handle: Any, items: Sequence[Any], scales: Any) -> Any:
 
 def load_mitigated(directory: str | Path, *, device: str = "cpu", dtype: str = "float32", base_handle: Any = None) -> Any:
     """Reload a mitigated model (base + head scales + LoRA adapter) in one call; see ``excise.intervene.lora``."""
-    from excise.intervene.lora import load_mitigated as _load_mitigated
-
     return _load_mitigated(directory, device=device, dtype=dtype, attn_implementation="eager", base_handle=base_handle)
-
-
-# --- reporting -------------------------------------------------------------------------------------
-
-METRICS = ("s_amb", "s_dis", "acc_ambig", "acc_disambig")
-
-
-def unlearning_rows(before: dict, after: dict) -> list[dict[str, Any]]:
-    """One row per (group, metric): before and after with CIs and n, and the change."""
-    rows = []
-    groups = ["overall", *before.get("groups", {})]
-    for g in groups:
-        b = before["overall"] if g == "overall" else before["groups"].get(g)
-        a = after["overall"] if g == "overall" else after["groups"].get(g)
-        if b is None or a is None:
-            continue
-        for m in METRICS:
-            bv, av = b[m], a[m]
-            bval = _num(bv["value"])
-            aval = _num(av["value"])
-            rows.append({"group": g, "metric": m, "before": bval, "before_lo": _num(bv["lo"]), "before_hi": _num(bv["hi"]),
-                         "before_n": bv["n"], "after": aval, "after_lo": _num(av["lo"]), "after_hi": _num(av["hi"]),
-                         "after_n": av["n"], "change": aval - bval})
-    return rows
-
-
-def _num(x: Any) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def summarize(model: str, before: dict, after: dict, loc: dict, mit: dict, aft: dict) -> dict[str, Any]:
-    sb, sa = _num(before["s_amb"]["value"]), _num(after["s_amb"]["value"])
-    db, da = _num(before["acc_disambig"]["value"]), _num(after["acc_disambig"]["value"])
-    s = {
-        "model": model,
-        "before": {m: before[m] for m in METRICS},
-        "after": {m: after[m] for m in METRICS},
-        "s_amb_drop_pct": 100.0 * (sb - sa) / abs(sb) if sb and not math.isnan(sb) else float("nan"),
-        "acc_disambig_change_points": 100.0 * (da - db),
-        "s_amb_ci_excludes_0_before": _excludes0(before["s_amb"]),
-        "pruned_heads": mit.get("pruned_heads"),
-        "head_scale": mit.get("head_scale"),
-        "finetune": {k: v for k, v in (mit.get("finetune") or {}).items() if k != "losses"},
-        "base_weights_max_change": mit.get("base_weights_max_change"),
-        "reload_max_abs_diff": aft.get("reload_max_abs_diff"),
-    }
-    if "precision_at_k" in loc:
-        s["planted_heads"] = loc["planted_heads"]
-        s["precision_at_k"] = loc["precision_at_k"]
-    return s
-
-
-def _excludes0(e: dict) -> bool:
-    lo, hi = e.get("lo"), e.get("hi")
-    return lo is not None and hi is not None and (lo > 0 or hi < 0)
-
-
-def _fmt(e: dict, pct: bool = True) -> str:
-    if e.get("value") is None or e.get("n", 0) == 0:
-        return "undefined (n=0)"
-    k = 100 if pct else 1
-    lo, hi = e.get("lo"), e.get("hi")
-    ci = f" [{k * lo:.1f}, {k * hi:.1f}]" if lo is not None and hi is not None else ""
-    return f"{k * e['value']:.1f}{ci}"
-
-
-def summary_text(s: dict) -> str:
-    lines = [f"{s['model']}: before -> after mitigation (x100, 95% CI)"]
-    names = {"s_amb": "s_AMB", "s_dis": "s_DIS", "acc_ambig": "accuracy ambiguous", "acc_disambig": "accuracy disambiguated"}
-    for m in METRICS:
-        lines.append(f"  {names[m]:24s} {_fmt(s['before'][m]):>24s}  ->  {_fmt(s['after'][m]):>24s}   n={s['after'][m]['n']}")
-    lines.append(f"  s_AMB change: {-s['s_amb_drop_pct']:+.0f}% of its before value; disambiguated accuracy change: "
-                 f"{s['acc_disambig_change_points']:+.1f} points; pruned heads {s['pruned_heads']} x{s['head_scale']}")
-    if "precision_at_k" in s:
-        lines.append(f"  planted heads {s['planted_heads']}: localization precision@{len(s['planted_heads'])} = "
-                     f"{s['precision_at_k']:.2f}")
-    return "\n".join(lines) + "\n"
 
 
 def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = False, source: str = "recipe",
                console: Any = None) -> dict:
     """`excise run recipes/bbq_debias.yaml`: validate the settings and run the workflow."""
-    from excise.config import validate
-
     cfg = validate(BBQDebiasConfig, settings, source)
     if quick:
         cfg = cfg.model_copy(update={"per_category": min(cfg.per_category, 8), "pairs_per_category": min(cfg.pairs_per_category, 4),

@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from excise.intervene.lora import FinetuneConfig
+from excise.io import atomic_write_json, atomic_write_text
+from excise.locate.heads import HeadAttributionConfig
+from excise.organisms.planted import PlantedConfig
+from excise.recipes.bbq_debias import BBQDebiasConfig, run_bbq, summary_text
+
 DEMO_CATEGORIES = ["Age", "Gender_identity", "SES", "Religion"]
 
 
 def demo_config(model: str) -> Any:
     """Demo sizes. The planted model is evaluated on the categories its bias was planted in (with the
     split it is built for, which ``BBQDebiasConfig`` picks for model=planted)."""
-    from excise.intervene.lora import FinetuneConfig
-    from excise.locate.heads import HeadAttributionConfig
-    from excise.recipes.bbq_debias import BBQDebiasConfig
-    from excise.organisms.planted import PlantedConfig
-
     if model == "planted":
         p = PlantedConfig()
         extra: dict[str, Any] = {"categories": p.categories, "per_category": 32,
@@ -38,9 +39,6 @@ def demo_config(model: str) -> Any:
 
 
 def run_demo(out: Path, *, force: bool = False, console: Any = None) -> dict:
-    from excise.io import atomic_write_json, atomic_write_text
-    from excise.recipes.bbq_debias import run_bbq, summary_text
-
     out = Path(out)
     t0 = time.time()
     results = {}

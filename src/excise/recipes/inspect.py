@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, Field
+
+from excise.config import validate
+from excise.io import atomic_write_json
+from excise.models import load
+from excise.report.plots import grid_heatmaps, heatmap
+from excise.run import Run, seed_everything
+from excise.tasks.bbq import format_prompt, load_bbq
+from excise.trace import Trace
 
 
 class InspectConfig(BaseModel):
@@ -30,10 +39,7 @@ class InspectConfig(BaseModel):
 
 
 def run_inspect(cfg: InspectConfig, out: str | Path, *, force: bool = False, console: Any = None) -> dict:
-    from excise.models import load
-    from excise.run import Run, seed_everything
-
-    # run-directory and model checks first: bad input fails fast, before torch is imported
+    # run-directory checks first: bad input fails fast, before the model is loaded
     run = Run(out, {"workflow": "inspect", **cfg.model_dump()}, force=force)
     if run.is_done("inspect"):  # resumed: no need to load the model again
         res = run.stage("inspect", lambda d: None)
@@ -43,11 +49,6 @@ def run_inspect(cfg: InspectConfig, out: str | Path, *, force: bool = False, con
     load_s = time.time() - t0
     seed_everything(cfg.seed)
 
-    import torch
-
-    from excise.report.plots import grid_heatmaps, heatmap
-    from excise.tasks.bbq import format_prompt, load_bbq
-    from excise.trace import Trace
     an = handle.anatomy
     if console is not None:
         _print_anatomy(console, handle)
@@ -100,7 +101,6 @@ def run_inspect(cfg: InspectConfig, out: str | Path, *, force: bool = False, con
             "seconds": {"load": round(load_s, 2), "trace": round(trace_s, 3)},
             "files": ["attention_patterns.png", "attention_last_token.png", "mlp_out_norms.png", "hidden_state_norms.png"],
         }
-        from excise.io import atomic_write_json
 
         atomic_write_json(d / "summary.json", summary)
         return {"n_prompts": len(items), "sites_traced": len(tr.cache), "trace_seconds": round(trace_s, 3)}
@@ -134,8 +134,6 @@ def _print_anatomy(console: Any, handle: Any) -> None:
 
 def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = False, source: str = "recipe",
                console: Any = None) -> dict:
-    from excise.config import validate
-
     cfg = validate(InspectConfig, settings, source)
     if quick:
         cfg = cfg.model_copy(update={"n_prompts": min(cfg.n_prompts, 2)})

@@ -16,6 +16,9 @@ Stages of a run directory (each atomic and resumable):
   ``tradeoff.png`` (distillation compute vs relearning robustness).
 
 ``quick`` runs one seed, fewer variants and shorter loops (the smoke test of the workflow).
+
+Settings live in :mod:`excise.recipes.robust_config`, the report stage in
+:mod:`excise.recipes.robust_report`; this module runs the stages.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from excise.config import validate
 from excise.errors import ExciseError
 from excise.intervene.undo import NoiseConfig, apply_noise, distill
 from excise.intervene.unlearn_methods import METHODS, cycle, unlearn
+from excise.io import read_json
 from excise.locate.fisher import fisher_scores
 from excise.locate.paramdiff import mask_summary, param_diff_scores, param_masks
 from excise.locate.snmf import neuron_param_masks, snmf_scores
 from excise.measure.arithmetic import accuracy_by_op
-from excise.io import read_json
 from excise.organisms.arithmetic import load_model, pretrain
 from excise.recipes.robust_config import RobustUnlearnConfig, quick_variant
 from excise.recipes.robust_report import build_report

@@ -6,11 +6,11 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
+from excise.io import atomic_write_bytes
+
 
 def _fig_to_png(fig: Any, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
-
-    from excise.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from excise.errors import ExciseError, where
+from excise.io import iter_jsonl
 
 OPS = ("add", "sub", "mul", "div")
 FORGET_OPS = ("mul", "div")
@@ -155,8 +156,6 @@ def load_items(path: str | Path, *, required_ops: Sequence[str] | None = None) -
     Every bad row fails with ``file:line:field``. ``op`` defaults to ``"custom"``; when
     ``required_ops`` is given every row's op must be one of them.
     """
-    from excise.io import iter_jsonl
-
     path = Path(path)
     items: list[Item] = []
     for i, row in iter_jsonl(path):

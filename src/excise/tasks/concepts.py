@@ -23,7 +23,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
+from excise.config import load_yaml, validate
 from excise.errors import ExciseError
+from excise.io import read_json
 from excise.models.load import add_special_tokens_for
 
 FAMILIES = ("indirect", "completion", "roleplay", "language", "pieces", "other")
@@ -131,8 +133,6 @@ def format_prompt(handle: Any, item: ConceptItem) -> str:
 
 def load_concept(path: str | Path) -> ConceptSpec:
     """Load and validate a spec (YAML or JSON); a packaged name such as ``inception`` also works."""
-    from excise.config import load_yaml, validate
-
     p = Path(path)
     if not p.exists():
         for cand in (PACKAGED / p.name, PACKAGED / f"{p.name}.yaml"):
@@ -143,8 +143,6 @@ def load_concept(path: str | Path) -> ConceptSpec:
             packaged = ", ".join(sorted(x.stem for x in PACKAGED.glob("*.yaml")))
             raise ExciseError(f"concept spec not found (packaged: {packaged})", where=str(path))
     if p.suffix == ".json":
-        from excise.io import read_json
-
         data = read_json(p)
     else:
         data = load_yaml(p)  # JSON is YAML too
