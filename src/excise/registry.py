@@ -49,3 +49,10 @@ class Registry(Generic[T]):
 
     def __iter__(self):
         return iter(self.names())
+
+
+class Configured:
+    """Base of registered classes: holds the validated ``Config`` instance the registry built."""
+
+    def __init__(self, config: Any):
+        self.config = config

@@ -21,6 +21,7 @@ from excise.intervene.base import INTERVENTIONS, check_mask
 from excise.io import atomic_write_bytes
 from excise.locate.base import LocateData
 from excise.trace import Edit, Trace
+from excise.registry import Configured
 
 
 class HeadScales:
@@ -143,15 +144,13 @@ class HeadScaleConfig(BaseModel):
 
 
 @INTERVENTIONS.register
-class HeadScale:
+class HeadScale(Configured):
     """Soft-prune the selected heads: scale their columns of the attention output projection (a copy)."""
 
     name = "head_scale"
     Config = HeadScaleConfig
     accepts = ("head",)
 
-    def __init__(self, config: HeadScaleConfig):
-        self.config = config
 
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)

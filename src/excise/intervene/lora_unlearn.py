@@ -19,6 +19,7 @@ from excise.intervene.base import INTERVENTIONS, check_mask
 from excise.intervene.masked_lora import UnlearnSettings, all_units, unlearn_concept
 from excise.intervene.trainable import LoraFields, make_trainable
 from excise.locate.base import LocateData
+from excise.registry import Configured
 
 
 class MaskedLoraUnlearnConfig(UnlearnSettings):
@@ -30,7 +31,7 @@ class MaskedLoraUnlearnConfig(UnlearnSettings):
 
 
 @INTERVENTIONS.register
-class MaskedLoraUnlearn:
+class MaskedLoraUnlearn(Configured):
     """Unlearn the forget responses with a LoRA confined to the masked heads or neurons (merged into a copy)."""
 
     name = "masked_lora"
@@ -38,8 +39,6 @@ class MaskedLoraUnlearn:
     accepts = ("neuron", "head", None)
     masked = True
 
-    def __init__(self, config: MaskedLoraUnlearnConfig):
-        self.config = config
 
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)

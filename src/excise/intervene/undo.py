@@ -33,6 +33,7 @@ from excise.locate.base import LocateData
 from excise.losses import kl_to_ref
 from excise.train import TrainConfig, train
 from excise.units import unit_param_masks
+from excise.registry import Configured
 
 
 class NoiseConfig(BaseModel):
@@ -168,7 +169,7 @@ class UndoConfig(NoiseConfig):
 
 
 @INTERVENTIONS.register
-class Undo:
+class Undo(Configured):
     """Noise the selected heads' or neurons' weights (all weights without a mask), optionally distil back."""
 
     name = "noise"
@@ -176,8 +177,8 @@ class Undo:
     accepts = ("neuron", "head", None)
 
     def __init__(self, config: UndoConfig):
-        self.config = config
-        self.masked = config.distill_steps == 0
+        super().__init__(config)
+        self.masked = config.distill_steps == 0  # distillation changes every weight
 
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)

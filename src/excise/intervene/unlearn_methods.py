@@ -31,6 +31,7 @@ from excise.models.anatomy import Anatomy
 from excise.trace import Trace
 from excise.train import TrainConfig, train
 from excise.units import unit_param_masks
+from excise.registry import Configured
 
 METHODS = ("grad_ascent", "grad_diff", "maxent", "npo", "rmu")
 
@@ -164,7 +165,7 @@ class UnlearnInterventionConfig(UnlearnConfig):
 
 
 @INTERVENTIONS.register
-class Unlearn:
+class Unlearn(Configured):
     """Fine-tune a copy with an unlearning objective; a head/neuron mask confines the gradient to those units."""
 
     name = "unlearn"
@@ -172,8 +173,6 @@ class Unlearn:
     accepts = ("neuron", "head", None)
     masked = True
 
-    def __init__(self, config: UnlearnInterventionConfig):
-        self.config = config
 
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)

@@ -17,6 +17,7 @@ from excise.lm import lm_batch
 from excise.locate.base import LOCALIZERS, LocateData
 from excise.losses import nll
 from excise.units import Scores, aggregate_param_scores
+from excise.registry import Configured
 
 
 def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_size: int = 16,
@@ -59,15 +60,13 @@ class FisherConfig(BaseModel):
 
 
 @LOCALIZERS.register
-class FisherLocalizer:
+class FisherLocalizer(Configured):
     """Empirical Fisher diagonal of the forget NLL: where the forget data's likelihood is most sensitive."""
 
     name = "fisher"
     Config = FisherConfig
     needs = ("forget",)
 
-    def __init__(self, config: FisherConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)

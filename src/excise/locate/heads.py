@@ -41,6 +41,7 @@ from excise.report.plots import heatmap
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 from excise.trace import Edit, Trace
 from excise.units import Scores
+from excise.registry import Configured
 
 
 class HeadAttributionConfig(BaseModel):
@@ -272,15 +273,13 @@ def save_attribution(att: HeadAttribution, directory: Any, *, title: str = "") -
 
 
 @LOCALIZERS.register
-class HeadLocalizer:
+class HeadLocalizer(Configured):
     """BBQ head attribution: heads whose ablation lowers the biased-answer log-odds (measured on candidates)."""
 
     name = "heads"
     Config = HeadAttributionConfig
     needs = ("items",)
 
-    def __init__(self, config: HeadAttributionConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from excise.locate.base import LOCALIZERS, LocateData
 from excise.units import Scores, aggregate_param_scores
+from excise.registry import Configured
 
 
 def param_diff_scores(base: Any, unlearned: Any) -> Scores:
@@ -86,15 +87,13 @@ class ParamDiffConfig(BaseModel):
 
 
 @LOCALIZERS.register
-class ParamDiffLocalizer:
+class ParamDiffLocalizer(Configured):
     """|theta_reference - theta|: where another version of the model (e.g. an unlearned one) moved the weights."""
 
     name = "paramdiff"
     Config = ParamDiffConfig
     needs = ("reference",)
 
-    def __init__(self, config: ParamDiffConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)

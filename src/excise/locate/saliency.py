@@ -31,6 +31,7 @@ from excise.select import Mask
 from excise.tasks.concepts import encode_items
 from excise.trace import Edit, Trace
 from excise.units import Scores
+from excise.registry import Configured
 
 METHODS = ("saliency", "fisher", "activation")
 
@@ -165,15 +166,13 @@ class SaliencyLocalizerConfig(SaliencyConfig):
 
 
 @LOCALIZERS.register
-class SaliencyLocalizer:
+class SaliencyLocalizer(Configured):
     """Gradient saliency (or Fisher / activation trace) of the forget responses at neurons or heads."""
 
     name = "saliency"
     Config = SaliencyLocalizerConfig
     needs = ("forget",)
 
-    def __init__(self, config: SaliencyLocalizerConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs + (("retain",) if self.config.contrast == "difference" else ()), self.name)
@@ -190,15 +189,13 @@ class RandomConfig(BaseModel):
 
 
 @LOCALIZERS.register
-class RandomLocalizer:
+class RandomLocalizer(Configured):
     """Uniform random scores: the control every localizer is compared with (random units of equal count)."""
 
     name = "random"
     Config = RandomConfig
     needs: tuple[str, ...] = ()
 
-    def __init__(self, config: RandomConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         an = handle.anatomy

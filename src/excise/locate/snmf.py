@@ -28,6 +28,7 @@ from excise.locate.base import LOCALIZERS, LocateData
 from excise.models.anatomy import Anatomy
 from excise.trace import Trace
 from excise.units import Scores
+from excise.registry import Configured
 
 
 @dataclass
@@ -147,15 +148,13 @@ def neuron_param_masks(model: Any, neuron_mask: Any) -> dict[str, Any]:
 
 
 @LOCALIZERS.register
-class SNMFLocalizer:
+class SNMFLocalizer(Configured):
     """Semi-NMF features of MLP activations that separate forget from retain text, scored onto neurons."""
 
     name = "snmf"
     Config = SNMFConfig
     needs = ("forget", "retain")
 
-    def __init__(self, config: SNMFConfig):
-        self.config = config
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)

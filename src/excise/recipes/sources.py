@@ -24,7 +24,7 @@ from excise.measure.unlearning import evaluate as concept_evaluate
 from excise.measure.unlearning import frame
 from excise.recipes.bbq_eval import predict
 from excise.tasks.bbq import split_items
-from excise.registry import Registry
+from excise.registry import Configured, Registry
 from excise.tasks.bbq import load_bbq, sample_bbq
 from excise.tasks.concepts import format_prompt, load_concept
 from excise.tasks.bbq_prompts import loglik_prompt
@@ -45,12 +45,11 @@ class TaskData:
             raise ExciseError(f"{len(both)} items are both build and eval items (e.g. {sorted(both)[0]})")
 
 
-class TaskSource:
+class TaskSource(Configured):
+    """A registered task: ``build(handle, seed)`` splits it into build and eval pools (see module doc)."""
+
     name: str
     Config: type[BaseModel]
-
-    def __init__(self, config: Any):
-        self.config = config
 
     def build(self, handle: Any, seed: int) -> TaskData:  # pragma: no cover - protocol
         raise NotImplementedError
