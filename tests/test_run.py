@@ -182,3 +182,21 @@ def test_seed_everything_repeatable():
     seed_everything(7)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_dir_survives_a_failed_stage_and_goes_when_it_is_done(tmp_path):
+    from excise.run import Run
+
+    run = Run(tmp_path / "r", {"a": 1})
+    ck = run.checkpoint_dir("train")
+
+    def fail(d):
+        ck.mkdir(parents=True)
+        (ck / "step-2").mkdir()
+        raise RuntimeError("killed mid-stage")
+
+    with pytest.raises(RuntimeError):
+        run.stage("train", fail)
+    assert (ck / "step-2").is_dir() and not run.is_done("train")  # a re-run resumes from here
+    run.stage("train", lambda d: {"ok": True})
+    assert not ck.exists() and run.is_done("train")

@@ -150,6 +150,11 @@ class Run:
     def stage_dir(self, name: str) -> Path:
         return self.dir / name
 
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where a stage's training loop keeps resumable checkpoints (``excise.train``): outside the
+        stage's temporary folder, so a killed run resumes mid-stage; removed once the stage is done."""
+        return self.dir / ".checkpoints" / name
+
     def is_done(self, name: str) -> bool:
         return not self._clear_first and (self.stage_dir(name) / "stage.json").exists()
 
@@ -173,4 +178,5 @@ class Run:
             if metrics is not None:
                 write_metrics(tmp, metrics)
             atomic_write_json(tmp / "stage.json", {"status": "done", "seconds": round(time.time() - t0, 3)})
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
         return StageResult(name, final, metrics, skipped=False)

@@ -260,7 +260,8 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
         if cfg.do_finetune:
             ex = [ChoiceExample(loglik_prompt(x), tuple(loglik_options(x)), int(x.label)) for x in data["finetune"]]
             base_sd = {k: v.detach().clone() for k, v in base_state(handle.model).items()}
-            res = finetune(handle, ex, cfg.finetune, head_scales=scales, progress=console is not None)
+            res = finetune(handle, ex, cfg.finetune, head_scales=scales, progress=console is not None,
+                           checkpoint_dir=run.checkpoint_dir("mitigate") if cfg.finetune.checkpoint_every else None)
             m["finetune"] = res.summary()
             # an adapter method proves the base weights did not change
             base_now = base_state(handle.model)

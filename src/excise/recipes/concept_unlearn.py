@@ -167,9 +167,9 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         n_trainable = tr.n_trainable
         n_effective = ml.n_effective if ml else n_trainable
         t0 = time.time()
-        vh = copy.copy(handle)
-        vh.model = model
-        log = unlearn_concept(vh, tr.model, spec, ucfg)
+        vh = handle.with_model(model)
+        log = unlearn_concept(vh, tr.model, spec, ucfg,
+                              checkpoint_dir=run.checkpoint_dir(f"unlearn-{variant}") if ucfg.checkpoint_every else None)
         train_s = time.time() - t0
         info: dict[str, Any] = {"variant": variant, "train_seconds": round(train_s, 1), "n_trainable": n_trainable,
                                 "n_effective": n_effective, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
@@ -194,8 +194,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     def st_unlearn(d: Path) -> dict:
         model, info = train_variant(variant0, d)
         state["model"] = model
-        vh = copy.copy(handle)
-        vh.model = model
+        vh = handle.with_model(model)
         t0 = time.time()
         ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed)
         info["eval_seconds"] = round(time.time() - t0, 1)
@@ -242,14 +241,12 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 if variant == variant0:  # the default run already trained it: reload its adapter, reuse its measures
                     model = load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
                     info = dict(info0)
-                    vh = copy.copy(handle)
-                    vh.model = model
+                    vh = handle.with_model(model)
                     ev = {"metrics": after, "items": [row for _, row in iter_jsonl(un.dir / "items.jsonl")]}
                 else:
                     say(f"    {variant}: training")
                     model, info = train_variant(variant, None)
-                    vh = copy.copy(handle)
-                    vh.model = model
+                    vh = handle.with_model(model)
                     t0 = time.time()
                     ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed)
                     info["eval_seconds"] = round(time.time() - t0, 1)
