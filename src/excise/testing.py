@@ -34,6 +34,19 @@ TINY: dict[str, dict[str, Any]] = {
                     vocab_size=256, max_position_embeddings=130, pad_token_id=1),
     "xlm-roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=256, max_position_embeddings=130, pad_token_id=1),
+    # DeBERTa-v3 layout: relative (disentangled) attention with log buckets, no absolute positions
+    "deberta-v2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=256, max_position_embeddings=128, relative_attention=True,
+                       pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1,
+                       norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                       type_vocab_size=0),
+    # ELECTRA-small layout: word embeddings narrower than the hidden size (embeddings_project)
+    "electra": dict(embedding_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, vocab_size=256, max_position_embeddings=128),
+    # ModernBERT: 3 layers so both global (0) and sliding-window (1, 2) attention layers exist
+    "modernbert": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       vocab_size=256, max_position_embeddings=128, local_attention=16,
+                       global_attn_every_n_layers=3, cls_token_id=1, sep_token_id=2),
 }
 # Other registered llama-layout types; tiny configs exist but they are kept out of DECODERS so the
 # suite's per-family parametrisations stay fast (tests/test_anatomy.py covers them).
@@ -42,7 +55,7 @@ for _mt, _extra in (("qwen3", {"head_dim": 24}), ("olmo", {}), ("olmo2", {}), ("
                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, **_extra)
 EXTRA_DECODERS = ("qwen3", "olmo", "olmo2", "smollm3")
 DECODERS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
-ENCODERS = ("bert", "roberta", "xlm-roberta")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "modernbert")
 
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:
@@ -97,13 +110,18 @@ class ByteTokenizer:
         out = bytes(i - 3 for i in ids if i >= 3 and i - 3 < 256)
         return out.decode("utf-8", errors="replace")
 
-    def __call__(self, texts: Any, return_tensors: str = "pt", padding: bool = True, padding_side: str | None = None,
-                 truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = True, **_: Any):
+    def __call__(self, texts: Any, text_pair: Any = None, return_tensors: str = "pt", padding: bool = True,
+                 padding_side: str | None = None, truncation: bool = False, max_length: int | None = None,
+                 add_special_tokens: bool = True, **_: Any):
+        """``text_pair``: a second text per item, appended after an eos separator (``<s> a </s> b``)."""
         import torch
         from transformers import BatchEncoding
 
         single = isinstance(texts, str)
         seqs = [self.encode(t, add_special_tokens) for t in ([texts] if single else texts)]
+        if text_pair is not None:
+            pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+            seqs = [s + [self.eos_token_id] + self.encode(b) for s, b in zip(seqs, pairs)]
         if truncation and max_length:
             seqs = [s[:max_length] for s in seqs]
         T = max(len(s) for s in seqs)

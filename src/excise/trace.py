@@ -180,6 +180,15 @@ def _pool(x: torch.Tensor, mask: torch.Tensor | None, pool: str, time_dim: int =
     raise ExciseError(f"unknown pooling '{pool}'; choose all, last or mean")
 
 
+def _ask_for_weights(module, args, kwargs):
+    """Forward pre-hook: call an attention module with ``output_attentions=True``."""
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    if bound.arguments.get("output_attentions"):
+        return None
+    bound.arguments["output_attentions"] = True
+    return bound.args, bound.kwargs
+
+
 class Trace:
     """Capture and/or edit sites during forward passes of a model.
 
@@ -289,7 +298,11 @@ class Trace:
             elif kind == "attn.pattern":
                 if edits:
                     raise ExciseError("attn.L.pattern is read-only: edit attn.L.z to change what a head writes")
-                self._handles.append(an.attn(layer).register_forward_hook(self._make_pattern_hook(site)))
+                attn = an.attn(layer)
+                if "output_attentions" in inspect.signature(attn.forward).parameters:
+                    # legacy attention modules (DeBERTa-v2) return weights only when asked
+                    self._handles.append(attn.register_forward_pre_hook(_ask_for_weights, with_kwargs=True))
+                self._handles.append(attn.register_forward_hook(self._make_pattern_hook(site)))
 
     def _grab_mask(self, module, args, kwargs):
         if self.keep_passes and module is self.model:

@@ -188,7 +188,7 @@ def _kind_from_config(config: Any) -> str:
         return "causal-lm"
     if getattr(config, "is_decoder", False):
         return "causal-lm"
-    if mt in ("bert", "roberta", "xlm-roberta", "camembert", "deberta-v2", "distilbert", "electra"):
+    if mt in ("bert", "roberta", "xlm-roberta", "camembert", "deberta-v2", "distilbert", "electra", "modernbert"):
         return "encoder"
     return "causal-lm"
 

@@ -11,7 +11,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from excise.errors import ExciseError
-from excise.models.anatomy import bert, gemma, gpt2, gpt_neox, llama, phi3  # noqa: F401  (registration)
+from excise.models.anatomy import (  # noqa: F401  (registration)
+    bert,
+    deberta_v2,
+    electra,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    modernbert,
+    phi3,
+)
 from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, register
 
 if TYPE_CHECKING:  # pragma: no cover
