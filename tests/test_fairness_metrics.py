@@ -210,6 +210,23 @@ def test_undefined_is_nan_with_n_zero():
     assert not back.differences["eo_diff"].defined
 
 
+def test_small_degenerate_data_never_crashes_and_undefined_means_n_zero():
+    """Random tiny sets (missing classes, one-class groups, a single group, ties): the kernel agrees with
+    Fairlearn / scikit-learn wherever they define a value (the report raises otherwise), and every cell
+    is either defined with n > 0 or NaN with n = 0."""
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        n, c, k = int(rng.integers(3, 30)), int(rng.choice([2, 3, 5])), int(rng.integers(1, 4))
+        y = rng.integers(0, c, n)
+        p = rng.integers(0, c, n) if seed % 2 else y.copy()
+        g = rng.choice([f"g{i}" for i in range(k)], n)
+        prob = rng.random(n).round(1) if c == 2 else softmax(rng.normal(size=(n, c)), 1)
+        r = fairness_report(y, p, prob if seed % 3 else None, g, n_boot=20, seed=seed)
+        for scope in [r.overall, *r.by_group.values(), r.differences]:
+            for e in scope.values():
+                assert (e.n == 0) == math.isnan(e.value)
+
+
 def test_bootstrap_ci_deterministic_and_equal_to_stats_bootstrap():
     y, p, s, g = _random_binary(4, n=300)
     r1 = fairness_report(y, p, s, g, n_boot=200, seed=7)
@@ -329,8 +346,9 @@ def test_tune_threshold_is_best_on_a_grid():
     y = rng.integers(0, 2, 400)
     prob = np.clip(0.3 * y + rng.random(400) * 0.7, 0, 1)
     t = tune_threshold(y, prob)
-    grid = np.linspace(0, 1, 2001)
-    best = max(f1_score(y, (prob >= x).astype(int), zero_division=0) for x in grid)
+    # every distinct probability (each possible cut) and a grid: none beats the tuned threshold
+    cuts = np.concatenate([np.unique(prob), np.linspace(0, 1, 201)])
+    best = max(f1_score(y, (prob >= x).astype(int), zero_division=0) for x in cuts)
     assert f1_score(y, (prob >= t).astype(int)) == pytest.approx(best)
 
 

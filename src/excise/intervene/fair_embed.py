@@ -39,6 +39,16 @@ def accepted_inputs(model: Any) -> tuple[str, ...]:
 
 
 @torch.no_grad()
+def fit_length(model: Any, max_length: int | None) -> int | None:
+    """``max_length`` capped at the positions the model has (RoBERTa-style models offset them by pad + 1)."""
+    pos = getattr(model.config, "max_position_embeddings", None)
+    if pos is None:
+        return max_length
+    usable = int(pos) - (int(model.config.pad_token_id) + 1 if getattr(model.config, "model_type", "") in
+                         ("roberta", "xlm-roberta", "camembert") else 0)
+    return usable if max_length is None else min(max_length, usable)
+
+
 def embed(handle: Any, texts: Sequence[str], pooling: str = "mean", *, batch_size: int = 64,
           max_length: int | None = 256, normalize: bool = True) -> np.ndarray:
     """Frozen-encoder sentence embeddings [N, d]: pooled last hidden states, L2-normalised (sentence-transformers).
@@ -50,6 +60,7 @@ def embed(handle: Any, texts: Sequence[str], pooling: str = "mean", *, batch_siz
     was = model.training
     model.eval()
     out = []
+    max_length = fit_length(model, max_length)
     try:
         for i in range(0, len(texts), batch_size):
             enc = tok(list(texts[i:i + batch_size]), padding=True, truncation=max_length is not None,
@@ -59,11 +70,11 @@ def embed(handle: Any, texts: Sequence[str], pooling: str = "mean", *, batch_siz
             if hidden is None:
                 raise ExciseError(f"{handle.name}: the model returns no last_hidden_state; load it as an encoder")
             z = pool(hidden, batch["attention_mask"], pooling).float()
-            out.append((F.normalize(z, dim=-1) if normalize else z).cpu())
+            out.append((F.normalize(z, dim=-1) if normalize else z).detach().cpu())
     finally:
         model.train(was)
     dim = int(model.config.hidden_size)
     return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
 
 
-__all__ = ["INPUTS", "accepted_inputs", "embed", "pool"]
+__all__ = ["INPUTS", "accepted_inputs", "embed", "fit_length", "pool"]

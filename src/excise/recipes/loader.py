@@ -20,6 +20,7 @@ WORKFLOWS = {
     "concept": "excise.recipes.concept_unlearn",
     "undo": "excise.recipes.robust_unlearn",
     "pipeline": "excise.recipes.pipeline",
+    "fair": "excise.recipes.fair_encoder",
 }
 PACKAGED = Path(__file__).parent
 

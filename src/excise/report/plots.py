@@ -112,7 +112,8 @@ def scatter_errorbars(
     for xi, yi, (lo, hi), lab in zip(x, y, yerr, labels):
         if not (np.isfinite(xi) and np.isfinite(yi)):
             continue
-        err = [[yi - lo], [hi - yi]] if np.isfinite(lo) and np.isfinite(hi) else None
+        # a percentile CI of a gap statistic need not contain its point estimate: clip the bars at the point
+        err = [[max(0.0, yi - lo)], [max(0.0, hi - yi)]] if np.isfinite(lo) and np.isfinite(hi) else None
         ax.errorbar([xi], [yi], yerr=err, fmt="o", capsize=3)
         ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if logx:
