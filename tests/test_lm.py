@@ -160,6 +160,25 @@ def test_generate_equals_hf_generate_per_prompt(fam):
     assert lm.generate(h, [], max_new_tokens=3) == []
 
 
+def test_generate_falls_back_to_hf_generate_with_logits_processors():
+    """A generation config that changes greedy decoding (repetition penalty) goes through model.generate."""
+    from excise.lm import _lean_greedy_ok
+
+    h = _tiny("llama")
+    assert _lean_greedy_ok(h.model)
+    h.model.generation_config.repetition_penalty = 1.5
+    try:
+        assert not _lean_greedy_ok(h.model)
+        got = lm.generate(h, ["abcabc"], max_new_tokens=6)
+        ids = torch.tensor([h.tokenizer.encode("abcabc", add_special_tokens=True)])
+        with torch.inference_mode():
+            ref = h.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=0, eos_token_id=2)
+        assert got[0] == h.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        h.model.generation_config.repetition_penalty = 1.0
+
+
 def test_lm_batch_labels():
     h = _tiny("llama")
     tok = h.tokenizer

@@ -41,6 +41,15 @@ SHARE_MIN_TOKENS = 8  # requests whose contexts share at least this many leading
 SHARE_MAX_NODES = 512  # ... while the row stays this short (attention cost grows with the square)
 
 
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` (under a peft wrapper, the base model's) takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
 def packed_ok(model: Any) -> bool:
     """Whether the packed path applies: the model's modeling code builds its mask with transformers'
     ``masking_utils.create_causal_mask`` (which passes a user 4D mask through unchanged), attention
@@ -59,10 +68,7 @@ def packed_ok(model: Any) -> bool:
         return False
     if getattr(base.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return False
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
+    return takes_logits_to_keep(base)
 
 
 def sliding_window(model: Any) -> int | None:

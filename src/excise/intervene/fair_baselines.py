@@ -67,7 +67,8 @@ def exponentiated_gradient(x_train: Any, y_train: Sequence[int], g_train: Sequen
     eg = ExponentiatedGradient(LogisticRegression(C=cfg.C, max_iter=cfg.max_iter, random_state=cfg.seed),
                                constraints=EqualizedOdds(difference_bound=eps))
     eg.fit(_f64(x_train), np.asarray(y_train), sensitive_features=np.asarray(g_train))
-    prob = eg._pmf_predict(_f64(x_test))[:, 1]  # the randomized classifier's P(y = 1); predict() samples it
+    # the randomized classifier's P(y = 1) (predict() samples it); float sums can leave [0, 1] by ~1e-16
+    prob = np.clip(eg._pmf_predict(_f64(x_test))[:, 1], 0.0, 1.0)
     pred = (prob >= 0.5).astype(int)
     return BaselinePrediction(f"fairlearn ExponentiatedGradient (EO, eps={eps})", pred, prob,
                               {"eps": eps, "n_predictors": int(len(eg.predictors_))})
