@@ -64,3 +64,24 @@ def test_quick_recipe_on_minilm(tmp_path):
     res = run_recipe_file("fair_encoder.yaml", out=tmp_path / "q", quick=True)
     t = res["report"]["targets"]
     assert "eo_at_most_half_of_plain" in t and "counterfactual_flip_rate_falls" in t
+
+
+def test_user_csv_runs_through_the_workflow(tiny_bert, tmp_path, one_thread):
+    import csv
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "data.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["resume", "job", "hired", "gender"])
+        for i in range(160):
+            g = rng.choice(["f", "m"])
+            w.writerow([f"{'she' if g == 'f' else 'he'} wrote code {i}", "engineer", rng.choice(["yes", "no"]), g])
+    settings = {**TINY, "model": str(tiny_bert), "data": "user", "counterfactual": False,
+                "user_data": {"path": str(path), "text": "resume", "text_pair": "job", "label": "hired", "groups": "gender"}}
+    res = run_fair(validate(FairEncoderConfig, settings), tmp_path / "run")
+    assert res["data"]["attribute"] == "gender" and res["data"]["splits"]["test"]["n"] > 0
+    assert "fair LoRA" in res["report"]["methods"]
+    with pytest.raises(ExciseError, match="user_data"):
+        validate(FairEncoderConfig, {"data": "user"})

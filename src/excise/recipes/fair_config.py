@@ -32,8 +32,25 @@ class SelectionConfig(BaseModel):
     start: int = Field(1, ge=1, description="first epoch of the window")
     end: int = Field(99, ge=1, description="last epoch of the window (clipped to the epochs trained)")
     threshold: float = Field(0.10, ge=0, description="largest validation fairness gap a selected checkpoint may have")
+    min_utility: float = Field(0.5, ge=0, le=1, description=(
+        "smallest validation utility a selected checkpoint may have: a constant predictor has gap 0 and, on a "
+        "binary task, macro-F1 <= 0.5, so it is 'fair' without being useful"))
     fallback: Literal["best_fairness", "best_util"] = Field(
-        "best_fairness", description="used, and said in the report, when no checkpoint of the window qualifies")
+        "best_util", description="used, and said in the report, when no checkpoint of the window qualifies")
+
+
+class UserData(BaseModel):
+    """Your own labelled texts with a protected attribute: a CSV / TSV / JSONL file or a Hugging Face dataset."""
+
+    model_config = {"extra": "forbid"}
+    path: str = Field(..., description="a data file, a save_to_disk directory, or a hub dataset id (with hf: true)")
+    hf: bool = Field(False, description="load with the datasets library (hub id or local dataset) instead of as a file")
+    split: str | None = Field(None, description="hf: the dataset split to use (default: all, then split here)")
+    text: str = Field("text", description="column of the text")
+    text_pair: str | None = Field(None, description="column of the second text (query/document, resume/job)")
+    label: str = Field("label", description="column of the label")
+    groups: str | list[str] = Field("group", description="protected attribute column(s); the first is the one debiased")
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train / validation / test shares")
 
 
 class FairEncoderConfig(BaseModel):
@@ -44,8 +61,9 @@ class FairEncoderConfig(BaseModel):
     device: str = Field("cpu", description="cpu or cuda")
     seed: int = Field(0, description="one seed for the data split, subsamples, training and bootstrap")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
-    data: Literal["bug"] = Field("bug", description="bug: profession classification with the profession masked (BUG); "
-                                                    "user data: excise.tasks.fairness.load_table in Python")
+    data: Literal["bug", "user"] = Field("bug", description="bug: profession classification with the profession "
+                                                            "masked (BUG); user: the table named in `user_data`")
+    user_data: UserData | None = Field(None, description="data: user: your file or dataset and its columns")
     binary: bool = Field(True, description="BUG binary framing (Fairlearn baselines apply); false: 12 professions")
     cap_per_class: int = Field(1200, ge=10, description="BUG sentences per profession at most (ORGANISMS.md set-up)")
     train_limit: int | None = Field(2000, ge=10, description="seeded training subsample (null: the whole split)")
@@ -60,6 +78,8 @@ class FairEncoderConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fair_has_a_fairness_term(self) -> "FairEncoderConfig":
+        if (self.data == "user") != (self.user_data is not None):
+            raise ValueError("set user_data exactly when data is 'user'")
         f = self.fair
         if not (f.lambda_adv or f.lambda_attr or f.lambda_dp or f.lambda_eo):
             raise ValueError("fair: set at least one of lambda_adv, lambda_attr, lambda_dp, lambda_eo (else it is plain)")

@@ -44,7 +44,17 @@ from excise.models.defaults import DEFAULTS
 from excise.recipes.fair_config import FairEncoderConfig, quick_variant
 from excise.recipes.fair_report import write_report
 from excise.run import Run, seed_everything
-from excise.tasks.fairness import load_bug, load_grep_biasir
+from excise.tasks.fairness import load_bug, load_grep_biasir, load_hf, load_table
+
+
+def load_data(cfg: FairEncoderConfig) -> Any:
+    """The configured task, split into train / validation / test (seeded, stratified by label x group)."""
+    if cfg.data == "bug":
+        return load_bug(cap_per_class=cfg.cap_per_class, seed=cfg.seed, binary=cfg.binary)
+    u = cfg.user_data
+    cols = dict(text=u.text, label=u.label, groups=u.groups, text_pair=u.text_pair)
+    table = load_hf(u.path, u.split, **cols) if u.hf else load_table(u.path, **cols)
+    return table.split(u.fractions, cfg.seed)
 
 
 def _subsample(xs: Sequence[Any], n: int | None, seed: int) -> list[Any]:
@@ -151,10 +161,14 @@ def _window(cfg: FairEncoderConfig) -> Callable[[list[dict]], Any]:
     s, util, fair = cfg.selection, cfg.fair.utility_metric, cfg.fair.fairness_metric
 
     def choose(history: list[dict]) -> Any:
-        sel = select_window(history, start=s.start, end=min(s.end, cfg.fair.epochs), threshold=s.threshold,
+        useful = [r for r in history if (r.get(util) or 0.0) >= s.min_utility]
+        sel = select_window(useful, start=s.start, end=min(s.end, cfg.fair.epochs), threshold=s.threshold,
                             utility=util, fairness=fair)
         if sel.epoch is not None:
             return sel
+        if len(useful) < len(history):
+            sel = dataclasses.replace(sel, reason=f"{sel.reason} ({len(history) - len(useful)} checkpoints below "
+                                                   f"{util} {s.min_utility:g} left out)")
         fb = (best_fairness(history, fair, util) if s.fallback == "best_fairness" else best_util(history, util, fair))
         return dataclasses.replace(fb, reason=f"window: {sel.reason}; fallback {s.fallback}: {fb.reason}")
 
@@ -169,7 +183,7 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
     run = Run(out, {"workflow": "fair", **cfg.model_dump(mode="json")}, force=force)
     seed_everything(cfg.seed)
     handle = load(cfg.model, kind="encoder", device=cfg.device)
-    data = load_bug(cap_per_class=cfg.cap_per_class, seed=cfg.seed, binary=cfg.binary)
+    data = load_data(cfg)
     attr = data.attributes[0]
     splits = {"train": _subsample(data.train, cfg.train_limit, cfg.seed),
               "val": _subsample(data.val, cfg.val_limit, cfg.seed + 1), "test": list(data.test), "attr": attr,
@@ -186,7 +200,8 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
             raise ExciseError("train, validation and test splits share items")  # pragma: no cover - split guarantees
         counts = {k: {"n": len(splits[k]), "by_label_group": _counts(splits[k], attr, splits["labels"])}
                   for k in ("train", "val", "test")}
-        return {"task": "BUG binary" if cfg.binary else "BUG professions", "attribute": attr,
+        task = cfg.user_data.path if cfg.data == "user" else ("BUG binary" if cfg.binary else "BUG professions")
+        return {"task": task, "attribute": attr,
                 "labels": splits["labels"], "splits": counts, "built": data.meta.get("built")}
 
     def st_baselines(d: Path) -> dict:
@@ -227,8 +242,9 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
 def _fair_stage(handle: Any, splits: dict, cfg: FairEncoderConfig, d: Path, console: Any) -> dict:
     fe, m = _train(handle, "fair", cfg.fair, splits, cfg, d, _window(cfg), console)
     base = DEFAULTS[cfg.model].hub_id if cfg.model in DEFAULTS else cfg.model
-    card = {"data": f"BUG ({'binary framing' if cfg.binary else '12 professions'}), profession word masked, "
-                    f"protected attribute {splits['attr']}; trained on {len(splits['train'])} items",
+    what = (f"BUG ({'binary framing' if cfg.binary else '12 professions'}), profession word masked"
+            if cfg.data == "bug" else f"user data {cfg.user_data.path}")
+    card = {"data": f"{what}, protected attribute {splits['attr']}; trained on {len(splits['train'])} items",
             "metrics": {"test macro-F1": m["test"].get("macro_f1"), "test EO difference": m["differences"].get("eo_diff"),
                         "selected epoch": m["selected_epoch"], "selection": m["selection"]},
             "limits": "BUG's gender labels follow the pronoun; 49% of nurse sentences are biomedical text; one "
