@@ -17,12 +17,15 @@ from excise.intervene.fair_baselines import BaselineConfig
 from excise.intervene.fair_finetune import FairFinetuneConfig
 
 
+# Chosen on the validation split of seed 0 (a 4-point sweep, docs/fair_encoders.md): lambda_adv 1 +
+# lambda_eo 1 collapsed to a constant predictor; 0.1 + 0.3 at lr 1e-3 kept validation macro-F1 and cut
+# the EO gap. Plain LoRA gets the same lr and epochs, so the two differ only by the fairness terms.
 def _fair_default() -> FairFinetuneConfig:
-    return FairFinetuneConfig(epochs=3, lambda_adv=1.0, lambda_eo=1.0, patience=0)
+    return FairFinetuneConfig(epochs=3, lr=1e-3, lambda_adv=0.1, lambda_eo=0.3, patience=0)
 
 
 def _plain_default() -> FairFinetuneConfig:
-    return FairFinetuneConfig(epochs=3, patience=0)
+    return FairFinetuneConfig(epochs=3, lr=1e-3, patience=0)
 
 
 class SelectionConfig(BaseModel):
