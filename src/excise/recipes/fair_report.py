@@ -116,6 +116,15 @@ def _markdown(res: dict[str, GroupedResult], cf: dict[str, GroupedResult], targe
     for name, r in res.items():
         out.append(f"| {name} | {_cell(r['accuracy'])} | {_cell(r[UTILITY])} | {_cell(r.difference(GAP))} | "
                    f"{_cell(r.difference('dp_diff'))} | {_cell(r.difference('tpr_gap'))} | {r[UTILITY].n} |")
+    for name in ("plain LoRA", "fair LoRA"):
+        r = res.get(name)
+        if r is None:
+            continue
+        out += ["", f"### {name} by {r.group_by}", "", "| group | accuracy | macro-F1 | TPR | FPR | ECE | n |",
+                "|---|---|---|---|---|---|---|"]
+        for g, ms in r.by_group.items():
+            out.append(f"| {g} | " + " | ".join(_cell(ms.get(m)) for m in ("accuracy", UTILITY, "tpr", "fpr", "ece"))
+                       + f" | {ms['accuracy'].n} |")
     sel = [read_json(run_dir / s / "metrics.json") for s in ("plain", "fair") if (run_dir / s / "metrics.json").exists()]
     out += ["", "Checkpoints: " + "; ".join(f"{s}: epoch {m['selected_epoch']} ({m['selection']})"
                                              for s, m in zip(("plain", "fair"), sel))]
