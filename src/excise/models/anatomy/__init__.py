@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 from excise.errors import ExciseError
 from excise.models.anatomy import (  # noqa: F401  (registration)
     bert,
-    deberta_v2,
-    electra,
     gemma,
     gpt2,
     gpt_neox,
