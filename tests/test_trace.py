@@ -468,3 +468,19 @@ def test_trace_dataset_refuses_patterns_and_skips_unused_logits(handles, tmp_pat
     finally:
         hook.remove()
     assert seen["T"] == 1  # the LM head ran on the last position only
+
+
+def test_grad_from_embeddings_reaches_sites_with_frozen_weights():
+    """Gradient localizers: with every weight frozen, captured sites still carry a graph; no weight gets a grad."""
+    h = tiny_handle("llama")
+    for p in h.model.parameters():
+        p.requires_grad_(False)
+    batch = h.encode(["hello there", "hi"])
+    with torch.enable_grad(), Trace(h, ["attn.1.z", "mlp.0.hidden"], detach=False, grad_from_embeddings=True) as tr:
+        out = h.model(**batch).logits.sum()
+        gz, gm = torch.autograd.grad(out, [tr.cache["attn.1.z"], tr.cache["mlp.0.hidden"]])
+    assert gz.abs().sum() > 0 and gm.abs().sum() > 0
+    assert all(p.grad is None for p in h.model.parameters())
+    with torch.enable_grad(), Trace(h, ["attn.1.z"], detach=False) as tr:  # without it: no graph at all
+        h.model(**batch)
+    assert not tr.cache["attn.1.z"].requires_grad

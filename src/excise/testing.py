@@ -55,6 +55,9 @@ for _mt, _extra in (("qwen3", {"head_dim": 24}), ("olmo", {}), ("olmo2", {}), ("
                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, **_extra)
 EXTRA_DECODERS = ("qwen3", "olmo", "olmo2", "smollm3")
 DECODERS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox")
+# More decoder families with tiny configs, each covered by its own tests/test_anatomy_more_*.py
+# (kept out of DECODERS so the per-family parametrisations elsewhere stay fast); appended to below.
+MORE_DECODERS: tuple[str, ...] = ()
 ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "modernbert")
 
 
@@ -162,3 +165,27 @@ def save_tiny(model_type: str, path: Any, *, seed: int = 0, **overrides: Any) ->
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# gemma3_text, granite, starcoder2, cohere, stablelm, phi (tests/test_anatomy_more_a.py)
+_MORE_A_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=256, max_position_embeddings=128)
+TINY["gemma3_text"] = dict(_MORE_A_BASE, num_key_value_heads=2, head_dim=24, sliding_window=64,
+                           layer_types=["sliding_attention", "full_attention"])
+TINY["granite"] = dict(_MORE_A_BASE, num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                       attention_multiplier=0.2, logits_scaling=2.0)
+TINY["starcoder2"] = dict(_MORE_A_BASE, num_key_value_heads=2)
+TINY["cohere"] = dict(_MORE_A_BASE, num_key_value_heads=2)
+TINY["stablelm"] = dict(_MORE_A_BASE, num_key_value_heads=2)
+TINY["phi"] = dict(_MORE_A_BASE)
+MORE_DECODERS += ("gemma3_text", "granite", "starcoder2", "cohere", "stablelm", "phi")
+
+# falcon, gptj, bloom (decoders) and distilbert (encoder) (tests/test_anatomy_more_b.py)
+TINY["falcon"] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+TINY["gptj"] = dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=256, n_positions=128,
+                    bos_token_id=1, eos_token_id=2)
+TINY["bloom"] = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=256, bos_token_id=1, eos_token_id=2)
+TINY["distilbert"] = dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=256,
+                          max_position_embeddings=128)
+MORE_DECODERS += ("falcon", "gptj", "bloom")

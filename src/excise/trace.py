@@ -214,6 +214,7 @@ class Trace:
         to_cpu: bool = False,
         accumulate: bool = False,
         keep_passes: bool = False,
+        grad_from_embeddings: bool = False,
     ) -> None:
         self.model = handle.model if hasattr(handle, "anatomy") else handle
         self.anatomy = handle.anatomy if hasattr(handle, "anatomy") and handle.anatomy is not None else Anatomy.of(self.model)
@@ -238,6 +239,7 @@ class Trace:
         self.to_cpu = to_cpu
         self.accumulate = accumulate
         self.keep_passes = keep_passes
+        self.grad_from_embeddings = grad_from_embeddings
         self.cache: dict[str, torch.Tensor] = {}
         self.passes: list[dict[str, torch.Tensor]] = []  # one cache per forward call (keep_passes=True)
         self._handles: list[Any] = []
@@ -278,6 +280,11 @@ class Trace:
         for e in self.edits:
             s = parse_site(e.site)
             by_target[(s.kind, s.layer)]["edit"].append(e)
+        if self.grad_from_embeddings:
+            # frozen weights: the embedding output becomes a leaf that requires grad, so the captured
+            # sites carry a graph (gradient localizers) without a gradient on any weight
+            self._handles.append(an.embed().register_forward_hook(
+                lambda m, a, o: o.detach().requires_grad_(True) if isinstance(o, torch.Tensor) else o))
         if not by_target:
             return
         # the mask is read at the top model and again at the module holding the layers, so a call

@@ -101,10 +101,9 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    emb = an.embed()
-    h_emb = emb.register_forward_hook(lambda m, a, o: o.requires_grad_(True) if isinstance(o, torch.Tensor) else o)
+    sites = [f"attn.{l}.z" for l in range(L)]
     try:
-        with torch.enable_grad(), Trace(handle, [f"attn.{l}.z" for l in range(L)], detach=False, keep_passes=True) as zg:
+        with torch.enable_grad(), Trace(handle, sites, detach=False, keep_passes=True, grad_from_embeddings=True) as zg:
             lp = choice_logprobs(handle, [loglik_prompt(x) for x in items], [loglik_options(x) for x in items],
                                  model=model)
             biased = torch.tensor([x.target_loc for x in items], device=lp.device)
@@ -129,7 +128,6 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
                     else:  # the option pass: k rows per item
                         contrib[:, l] += gz.view(n, k, H).sum(1).cpu()
     finally:
-        h_emb.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(was.get(n, False))
     act = contrib if activity == "attribution" else norm

@@ -64,16 +64,12 @@ def _unit_stats(handle: Any, batch: dict, method: str) -> tuple[torch.Tensor, to
         neur = torch.stack([(tr.cache[f"mlp.{l}.hidden"].abs() * w).sum(1) / w.sum(1) for l in range(L)], 1)
         head = torch.stack([(tr.cache[f"attn.{l}.z"].norm(dim=-1) * w).sum(1) / w.sum(1) for l in range(L)], 1)
         return neur.float(), head.float()
-    # frozen weights: make the embedding output a leaf that requires grad so activations carry a graph
-    hook = an.embed().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
-    try:
-        with torch.enable_grad(), Trace(handle, sites, edits, pool="all", detach=False) as tr:
-            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-            loss = nll(logits, batch["labels"]) * batch["labels"].shape[0]  # per-example sums, not a batch mean
-            acts = [tr.cache[s] for s in sites]
-            grads = torch.autograd.grad(loss, acts)
-    finally:
-        hook.remove()
+    # frozen weights: the embedding output is made a leaf that requires grad, so activations carry a graph
+    with torch.enable_grad(), Trace(handle, sites, edits, pool="all", detach=False, grad_from_embeddings=True) as tr:
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        loss = nll(logits, batch["labels"]) * batch["labels"].shape[0]  # per-example sums, not a batch mean
+        acts = [tr.cache[s] for s in sites]
+        grads = torch.autograd.grad(loss, acts)
     # only positions up to the last answer-predicting token can influence the loss; sum over time
     neur, head = [], []
     for i, s in enumerate(sites):

@@ -13,12 +13,18 @@ from typing import TYPE_CHECKING, Any
 from excise.errors import ExciseError
 from excise.models.anatomy import (  # noqa: F401  (registration)
     bert,
+    bloom,
+    distilbert,
+    falcon,
     gemma,
     gpt2,
     gpt_neox,
+    gptj,
     llama,
     modernbert,
+    phi,
     phi3,
+    starcoder2,
 )
 from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, register
 

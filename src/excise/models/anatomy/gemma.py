@@ -1,12 +1,13 @@
-"""Gemma and Gemma-2: llama layout, but head_dim is set explicitly in the config
-(n_heads * head_dim may differ from hidden_size) and Gemma-2 adds extra norms around the MLP."""
+"""Gemma, Gemma-2 and Gemma-3 (text): llama layout, but head_dim is set explicitly in the config
+(n_heads * head_dim may differ from hidden_size) and Gemma-2/3 add extra norms around the MLP (Gemma-3 also q/k norms and
+sliding-window layers)."""
 
 from excise.models.anatomy.spec import AnatomySpec, register
 
 GEMMA = register(
     AnatomySpec(
         family="gemma",
-        model_types=("gemma", "gemma2"),
+        model_types=("gemma", "gemma2", "gemma3_text"),
         layers="layers",
         embed="embed_tokens",
         final_norm="norm",
@@ -14,6 +15,6 @@ GEMMA = register(
         attn_out="self_attn.o_proj",
         mlp="mlp",
         mlp_down="mlp.down_proj",
-        notes="mlp.out is the down-projection output, before Gemma-2's post-feedforward norm",
+        notes="mlp.out is the down-projection output, before Gemma-2/3's post-feedforward norm",
     )
 )

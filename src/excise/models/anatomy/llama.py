@@ -1,4 +1,7 @@
-"""Llama-style decoders (pre-norm, q/k/v/o projections, gated MLP): llama, mistral, qwen2, qwen3.
+"""Llama-style decoders (pre-norm, q/k/v/o projections, gated MLP): llama, mistral, qwen2, qwen3,
+olmo/olmo2, smollm3, and the same module layout in granite (scalar multipliers on embeddings,
+residuals and logits), cohere (parallel attention + MLP from one layernorm) and stablelm
+(LayerNorm, partial rotary, optional parallel residual).
 
 Grouped-query attention needs nothing special here: heads are split at the *input* of
 ``o_proj``, which always has ``num_attention_heads * head_dim`` features.
@@ -9,7 +12,8 @@ from excise.models.anatomy.spec import AnatomySpec, register
 LLAMA = register(
     AnatomySpec(
         family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3"),
+        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3",
+                     "granite", "cohere", "stablelm"),
         layers="layers",
         embed="embed_tokens",
         final_norm="norm",
