@@ -61,6 +61,10 @@ MORE_DECODERS: tuple[str, ...] = ()
 ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra", "modernbert")
 
 
+def _is_encoder(model_type: str) -> bool:
+    return model_type in ENCODERS or model_type in MORE_ENCODERS  # MORE_ENCODERS: end of module
+
+
 def tiny_config(model_type: str, **overrides: Any) -> Any:
     from transformers import AutoConfig
 
@@ -78,7 +82,7 @@ def tiny_model(model_type: str, *, seed: int = 0, attn_implementation: str = "ea
 
     cfg = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    cls = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
+    cls = AutoModel if _is_encoder(model_type) else AutoModelForCausalLM
     model = cls.from_config(cfg, attn_implementation=attn_implementation)
     return model.eval()
 
@@ -86,7 +90,7 @@ def tiny_model(model_type: str, *, seed: int = 0, attn_implementation: str = "ea
 def tiny_handle(model_type: str, *, seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
     """A ModelHandle around a tiny model, with a byte-level stand-in tokenizer (no download)."""
     model = tiny_model(model_type, seed=seed, attn_implementation=attn_implementation, **overrides)
-    kind = "encoder" if model_type in ENCODERS else "causal-lm"
+    kind = "encoder" if _is_encoder(model_type) else "causal-lm"
     return from_model(model, ByteTokenizer(model.config.vocab_size), name=f"tiny-{model_type}", kind=kind)
 
 
@@ -169,7 +173,7 @@ def save_tiny(model_type: str, path: Any, *, seed: int = 0, **overrides: Any) ->
 
 # gemma3_text, granite, starcoder2, cohere, stablelm, phi (tests/test_anatomy_more_a.py)
 _MORE_A_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             vocab_size=256, max_position_embeddings=128)
+                    vocab_size=256, max_position_embeddings=128)
 TINY["gemma3_text"] = dict(_MORE_A_BASE, num_key_value_heads=2, head_dim=24, sliding_window=64,
                            layer_types=["sliding_attention", "full_attention"])
 TINY["granite"] = dict(_MORE_A_BASE, num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -186,6 +190,10 @@ TINY["falcon"] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4
 TINY["gptj"] = dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=256, n_positions=128,
                     bos_token_id=1, eos_token_id=2)
 TINY["bloom"] = dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=256, bos_token_id=1, eos_token_id=2)
-TINY["distilbert"] = dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=256,
-                          max_position_embeddings=128)
+# distilbert: the config's attribute_map takes the common names; hidden_dim is its d_mlp (4 * 64)
+TINY["distilbert"] = dict(hidden_size=64, hidden_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                          vocab_size=256, max_position_embeddings=128)
 MORE_DECODERS += ("falcon", "gptj", "bloom")
+# not in ENCODERS: peft has no default LoRA targets for distilbert (q_lin/v_lin), which the
+# encoder fairness-finetuning tests rely on
+MORE_ENCODERS: tuple[str, ...] = ("distilbert",)

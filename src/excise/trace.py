@@ -301,7 +301,8 @@ class Trace:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(site, caps, edits, heads)))
             elif kind in ("resid", "mlp.out"):
                 module = an.layer(layer) if kind == "resid" else an.mlp_down(layer)
-                self._handles.append(module.register_forward_hook(self._make_post_hook(site, caps, edits)))
+                copy = kind == "mlp.out" and an.spec.mlp_out_added_in_place
+                self._handles.append(module.register_forward_hook(self._make_post_hook(site, caps, edits, copy)))
             elif kind == "attn.pattern":
                 if edits:
                     raise ExciseError("attn.L.pattern is read-only: edit attn.L.z to change what a head writes")
@@ -343,14 +344,15 @@ class Trace:
 
         return hook
 
-    def _make_post_hook(self, site: Site, caps, edits) -> Callable:
+    def _make_post_hook(self, site: Site, caps, edits, copy: bool = False) -> Callable:
         def hook(module, args, output):
             is_tuple = isinstance(output, tuple)
             x = output[0] if is_tuple else output
             for e in edits:
                 x = _apply_edit(x, e, site)
             if caps:
-                self._store(site, x)
+                # the model may add into x in place after this hook; pooled captures are copies already
+                self._store(site, x.clone() if copy and self.detach and self.pool == "all" else x)
             if not edits:
                 return None
             return (x, *output[1:]) if is_tuple else x

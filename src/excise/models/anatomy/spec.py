@@ -25,6 +25,9 @@ class AnatomySpec:
     attn_out_transposed: bool = False  # GPT-2's Conv1D stores weight as [in, out]
     mlp_down_transposed: bool = False
     is_decoder: bool = True
+    # the block adds into mlp_down's output in place (falcon's parallel blocks): Trace copies an
+    # uncopied (pool="all", detached) mlp.L.out capture so it keeps the down-projection's output
+    mlp_out_added_in_place: bool = False
     notes: str = ""
 
 
