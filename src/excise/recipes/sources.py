@@ -112,7 +112,8 @@ class ConceptSourceConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
     concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name")
-    retain_eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of retain items kept for evaluation only")
+    retain_eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of retain items kept for evaluation only "
+                                                                     "(when the spec has no retain_train items)")
     max_new_tokens: int = Field(24, ge=1, description="greedy tokens generated per probe")
     batch_size: int = Field(16, ge=1, description="prompts per generation pass")
 
@@ -124,7 +125,8 @@ def _held(text: str, seed: int, fraction: float) -> bool:
 
 @TASKS.register
 class ConceptSource(TaskSource):
-    """Forget = direct probes with the concept's answer; retain = half of the retain items (the rest evaluate)."""
+    """Forget = direct probes with the concept's answer; retain = the spec's retain_train items (else half of
+    the retain items; the rest evaluate)."""
 
     name = "concept"
     Config = ConceptSourceConfig
@@ -132,8 +134,11 @@ class ConceptSource(TaskSource):
     def build(self, handle: Any, seed: int) -> TaskData:
         c = self.config
         spec = load_concept(c.concept)
-        held = [it for it in spec.retain if _held(it.prompt, seed, c.retain_eval_fraction)]
-        kept = [it for it in spec.retain if not _held(it.prompt, seed, c.retain_eval_fraction)]
+        if spec.retain_train:  # the spec keeps its own retain training items apart: evaluate on every retain item
+            held, kept = list(spec.retain), list(spec.retain_train)
+        else:
+            held = [it for it in spec.retain if _held(it.prompt, seed, c.retain_eval_fraction)]
+            kept = [it for it in spec.retain if not _held(it.prompt, seed, c.retain_eval_fraction)]
         if not held or not kept:
             raise ExciseError(f"concept '{c.concept}': too few retain items to split into build and eval")
         forget = [Example(format_prompt(handle, it), it.target(), "completion") for it in spec.forget]
