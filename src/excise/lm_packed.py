@@ -68,8 +68,8 @@ def packed_ok(model: Any) -> bool:
         return False
     if getattr(base.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return False
-    if getattr(base.config, "model_type", None) == "bloom" or getattr(base.config, "alibi", False) is True:
-        return False  # ALiBi (bloom, falcon with alibi=True) is built from the 2D mask: no 4D mask
+    if hasattr(mod, "build_alibi_tensor") and getattr(base.config, "alibi", True):
+        return False  # ALiBi positions (bloom; falcon with alibi=True) are built from the 2D mask: no 4D mask
     return takes_logits_to_keep(base)
 
 

@@ -50,6 +50,23 @@ from excise.errors import ExciseError
 STATE_FILE = "train_state.json"
 
 
+@contextlib.contextmanager
+def requires_grad(model: Any, flag: bool):
+    """Set ``requires_grad`` on every parameter for the block, then restore each one's own setting.
+
+    Gradient localizers use it both ways: Fisher needs gradients on every weight, saliency and
+    head attribution need none (gradients reach activations only)."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(flag)
+    try:
+        yield model
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+
 class TrainConfig(BaseModel):
     """Settings of the training loop shared by every trainer (AdamW, ``transformers`` schedules)."""
 

@@ -40,3 +40,11 @@ def check_mask(intervention: Any, mask: Any) -> None:
         got = f"a '{kind}' mask" if kind else "no mask"
         want = ", ".join(k or "no mask" for k in intervention.accepts)
         raise ExciseError(f"intervention '{intervention.name}' got {got}; it takes: {want}")
+
+
+def result_handle(handle: Any, model: Any, **extra: Any) -> Any:
+    """What every intervention returns: a new handle around ``model`` in eval mode with frozen weights."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return handle.with_model(model, **extra)

@@ -151,7 +151,6 @@ class HeadScale(Configured):
     Config = HeadScaleConfig
     accepts = ("head",)
 
-
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)
         new = handle.with_model(copy.deepcopy(handle.model))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.intervene.base import INTERVENTIONS, check_mask, result_handle
 from excise.intervene.masked_lora import UnlearnSettings, all_units, unlearn_concept
 from excise.intervene.trainable import LoraFields, make_trainable
 from excise.locate.base import LocateData
@@ -39,7 +39,6 @@ class MaskedLoraUnlearn(Configured):
     accepts = ("neuron", "head", None)
     masked = True
 
-
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)
         data.require(("forget", "retain") if self.config.retain_weight > 0 else ("forget",), self.name)
@@ -51,8 +50,4 @@ class MaskedLoraUnlearn(Configured):
         spec = SimpleNamespace(forget=list(data.forget), retain=list(data.retain), retain_train=None, refusal=c.refusal)
         settings = UnlearnSettings(**c.model_dump(exclude={"lora", "unit", "refusal"}))
         log = unlearn_concept(work, tr.model, spec, settings)
-        merged = tr.masked.merge_and_unload()
-        merged.eval()
-        for p in merged.parameters():
-            p.requires_grad_(False)
-        return handle.with_model(merged, train_log=log)
+        return result_handle(handle, tr.masked.merge_and_unload(), train_log=log)

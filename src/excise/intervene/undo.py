@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
-from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.intervene.base import INTERVENTIONS, check_mask, result_handle
 from excise.lm import lm_batch
 from excise.locate.base import LocateData
 from excise.losses import kl_to_ref
@@ -191,7 +191,4 @@ class Undo(Configured):
             cfg = DistillConfig(max_steps=c.distill_steps, lr=c.distill_lr, warmup=0,
                                 batch_size=c.distill_batch_size, seed=c.seed)
             info["distill"] = distill(student, handle.model, handle.tokenizer, itertools.cycle(list(data.retain)), cfg)
-        student.eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        return handle.with_model(student, noise=info)
+        return result_handle(handle, student, noise=info)

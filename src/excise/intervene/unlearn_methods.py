@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from excise import losses as L
 from excise.errors import ExciseError
-from excise.intervene.base import INTERVENTIONS, check_mask
+from excise.intervene.base import INTERVENTIONS, check_mask, result_handle
 from excise.intervene.trainable import make_trainable
 from excise.lm import lm_batch
 from excise.locate.base import LocateData
@@ -173,7 +173,6 @@ class Unlearn(Configured):
     accepts = ("neuron", "head", None)
     masked = True
 
-
     def apply(self, handle: Any, mask: Any, data: LocateData) -> Any:
         check_mask(self, mask)
         c = self.config
@@ -188,7 +187,4 @@ class Unlearn(Configured):
                           cycle(list(data.retain), c.seed + 1) if data.retain else None, c)
         finally:
             tr.release()
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return handle.with_model(model, train_log=log)
+        return result_handle(handle, model, train_log=log)

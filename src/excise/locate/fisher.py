@@ -18,6 +18,7 @@ from excise.locate.base import LOCALIZERS, LocateData
 from excise.losses import nll
 from excise.units import Scores, aggregate_param_scores
 from excise.registry import Configured
+from excise.train import requires_grad
 
 
 def fisher_scores(model: Any, tokenizer: Any, items: Sequence[Any], *, batch_size: int = 16,
@@ -67,17 +68,9 @@ class FisherLocalizer(Configured):
     Config = FisherConfig
     needs = ("forget",)
 
-
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)
-        model = handle.model
-        req = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(True)
-        try:
+        with requires_grad(handle.model, True) as model:
             sc = fisher_scores(model, handle.tokenizer, list(data.forget), batch_size=self.config.batch_size,
                                loss_on=self.config.loss_on)
-        finally:
-            for p, r in zip(model.parameters(), req):
-                p.requires_grad_(r)
         return aggregate_param_scores(sc, handle.anatomy, self.config.unit)

@@ -42,6 +42,7 @@ from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 from excise.trace import Edit, Trace
 from excise.units import Scores
 from excise.registry import Configured
+from excise.train import requires_grad
 
 
 class HeadAttributionConfig(BaseModel):
@@ -98,11 +99,8 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
     L, H, D = an.n_layers, an.n_heads, an.head_dim
     model = handle.model
     # gradients must reach attn.L.z only: freeze the weights, make the embeddings' output require grad
-    was = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     sites = [f"attn.{l}.z" for l in range(L)]
-    try:
+    with requires_grad(model, False):
         with torch.enable_grad(), Trace(handle, sites, detach=False, keep_passes=True, grad_from_embeddings=True) as zg:
             lp = choice_logprobs(handle, [loglik_prompt(x) for x in items], [loglik_options(x) for x in items],
                                  model=model)
@@ -127,9 +125,6 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
                         norm[:, l] = z.detach()[:, -1].view(n, H, D).norm(dim=-1).cpu()  # last prompt token
                     else:  # the option pass: k rows per item
                         contrib[:, l] += gz.view(n, k, H).sum(1).cpu()
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(was.get(n, False))
     act = contrib if activity == "attribution" else norm
     return {"logodds": lo.detach().cpu().numpy().astype(float), "activity": act.numpy().astype(float),
             "estimate": contrib.numpy().astype(float)}
@@ -277,7 +272,6 @@ class HeadLocalizer(Configured):
     name = "heads"
     Config = HeadAttributionConfig
     needs = ("items",)
-
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)

@@ -94,7 +94,6 @@ class ParamDiffLocalizer(Configured):
     Config = ParamDiffConfig
     needs = ("reference",)
 
-
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)
         sc = param_diff_scores(handle.model, data.reference.model)

@@ -32,6 +32,7 @@ from excise.tasks.concepts import encode_items
 from excise.trace import Edit, Trace
 from excise.units import Scores
 from excise.registry import Configured
+from excise.train import requires_grad
 
 METHODS = ("saliency", "fisher", "activation")
 
@@ -108,32 +109,28 @@ def score_units(handle: Any, forget: Sequence[Any], retain: Sequence[Any] = (), 
     if cfg.contrast == "difference" and not retain:
         raise ExciseError("contrast 'difference' needs retain items; pass some or set contrast: none")
     model = handle.model
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    try:
-        def batches(items, responses=None):
-            return [encode_items(handle, list(items[s:s + cfg.batch_size]),
-                                 responses[s:s + cfg.batch_size] if responses is not None else None)
-                    for s in range(0, len(items), cfg.batch_size)]
+    with requires_grad(model, False):
+        try:
+            def batches(items, responses=None):
+                return [encode_items(handle, list(items[s:s + cfg.batch_size]),
+                                     responses[s:s + cfg.batch_size] if responses is not None else None)
+                        for s in range(0, len(items), cfg.batch_size)]
 
-        fn, fh = _score_batches(handle, batches(list(forget), forget_responses), cfg.method)
-        meta: dict[str, Any] = {"n_forget": len(forget), "n_retain": len(retain), "contrast": cfg.contrast}
-        if cfg.contrast == "difference":
-            rn, rh = _score_batches(handle, batches(list(retain)), cfg.method)
-            eps = 1e-12
-            fn_, rn_ = fn / (fn.mean() + eps), rn / (rn.mean() + eps)
-            fh_, rh_ = fh / (fh.mean() + eps), rh / (rh.mean() + eps)
-            neuron, head = fn_ - rn_, fh_ - rh_
-        else:
-            neuron, head = fn, fh
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-        if was_training:
-            model.train()
+            fn, fh = _score_batches(handle, batches(list(forget), forget_responses), cfg.method)
+            meta: dict[str, Any] = {"n_forget": len(forget), "n_retain": len(retain), "contrast": cfg.contrast}
+            if cfg.contrast == "difference":
+                rn, rh = _score_batches(handle, batches(list(retain)), cfg.method)
+                eps = 1e-12
+                fn_, rn_ = fn / (fn.mean() + eps), rn / (rn.mean() + eps)
+                fh_, rh_ = fh / (fh.mean() + eps), rh / (rh.mean() + eps)
+                neuron, head = fn_ - rn_, fh_ - rh_
+            else:
+                neuron, head = fn, fh
+        finally:
+            if was_training:
+                model.train()
     return {"neuron": Scores("neuron", neuron.cpu(), method=cfg.method, meta=meta),
             "head": Scores("head", head.cpu(), method=cfg.method, meta=meta)}
 
@@ -169,7 +166,6 @@ class SaliencyLocalizer(Configured):
     Config = SaliencyLocalizerConfig
     needs = ("forget",)
 
-
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs + (("retain",) if self.config.contrast == "difference" else ()), self.name)
         cfg = SaliencyConfig(**self.config.model_dump(exclude={"unit"}))
@@ -191,7 +187,6 @@ class RandomLocalizer(Configured):
     name = "random"
     Config = RandomConfig
     needs: tuple[str, ...] = ()
-
 
     def score(self, handle: Any, data: LocateData) -> Scores:
         an = handle.anatomy

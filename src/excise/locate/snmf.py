@@ -155,7 +155,6 @@ class SNMFLocalizer(Configured):
     Config = SNMFConfig
     needs = ("forget", "retain")
 
-
     def score(self, handle: Any, data: LocateData) -> Scores:
         data.require(self.needs, self.name)
         return snmf_scores(handle, handle.tokenizer, list(data.forget), list(data.retain), self.config)
