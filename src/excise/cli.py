@@ -25,7 +25,7 @@ app = typer.Typer(
 
 # Workflow command groups live in excise/commands/<name>.py, each exposing a typer `app`
 # and importing nothing heavy at module level.
-WORKFLOW_GROUPS = ("bbq", "concept", "undo", "fair")
+WORKFLOW_GROUPS = ("bbq", "concept", "undo", "fair", "captions")
 for _name in WORKFLOW_GROUPS:
     try:
         _mod = importlib.import_module(f"excise.commands.{_name}")
@@ -79,20 +79,22 @@ def inspect(
 
 @app.command()
 def demo(which: str = typer.Argument("bbq", help="bbq: the main job (what `make demo` runs); fair: the fair-encoder "
-                                                 "workflow on minilm-l6"),
-         out: Optional[Path] = typer.Option(None, help="run directory (default: runs/demo, or runs/demo_fair)"),
+                                                 "workflow on minilm-l6; captions: caption gender bias on the "
+                                                 "caption organism"),
+         out: Optional[Path] = typer.Option(None, help="run directory (default: runs/demo, or runs/demo_<which>)"),
          force: bool = typer.Option(False, "--force", help="overwrite a run directory holding another config")) -> None:
     """A workflow on the embedded defaults, in about ten minutes on a laptop-class CPU."""
     if which == "bbq":
         from excise.recipes import demo as demo_mod
 
         demo_mod.run_demo(out or Path("runs/demo"), force=force, console=_console())
-    elif which == "fair":
+    elif which in ("fair", "captions"):
         from excise.recipes.loader import run_recipe_file
 
-        run_recipe_file("fair_encoder.yaml", out=out or Path("runs/demo_fair"), force=force, console=_console())
+        recipe = {"fair": "fair_encoder.yaml", "captions": "caption_bias.yaml"}[which]
+        run_recipe_file(recipe, out=out or Path(f"runs/demo_{which}"), force=force, console=_console())
     else:
-        raise ExciseError(f"unknown demo '{which}'; choose bbq or fair")
+        raise ExciseError(f"unknown demo '{which}'; choose bbq, fair or captions")
 
 
 @app.command("run")

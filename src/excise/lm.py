@@ -12,7 +12,8 @@ model backend); no task or metric owns a scoring loop.
   objectives and gradient-based localizers.
 * :func:`next_token_logprobs`: the probability that the next token is one of a set of token ids
   (lettered multiple choice).
-* :func:`generate`: greedy continuations, batched with left padding.
+* :func:`generate`: greedy continuations, batched with left padding; :func:`generate_with_images` the
+  same for a vision-language model's (prompt, image) pairs, batched by its processor.
 * :func:`lm_batch`: a right-padded training batch with Hugging Face ``-100`` labels.
 
 Tokenization is the same everywhere: a context gets the tokenizer's special tokens unless it
@@ -270,6 +271,45 @@ def generate(handle: Any, prompts: Sequence[str], *, max_new_tokens: int = 24, b
             for i, row in zip(chunk, new):
                 out[i] = tok.decode(_until_eos(row, eos), skip_special_tokens=True)
     finally:
+        if was_training:
+            model.train()
+    return out
+
+
+def generate_with_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int = 24,
+                         batch_size: int = 16, progress: bool = False, model: Any = None) -> list[str]:
+    """Greedy continuations of (prompt, image) pairs from a vision-language model, in order.
+
+    The handle's processor builds each batch (image tokens, pixel values, left padding), so every
+    family's image-token convention is its own; ``model.generate`` decodes (``do_sample=False``).
+    """
+    if len(prompts) != len(images):
+        raise ExciseError(f"{len(prompts)} prompts but {len(images)} images")
+    if batch_size < 1:
+        raise ExciseError(f"batch_size must be >= 1, got {batch_size}")
+    processor = getattr(handle, "processor", None)
+    if processor is None:
+        raise ExciseError("generation from images needs a vision-language model handle with a processor")
+    model = _model(handle, model)
+    gen_model = model.module if isinstance(model, DistributedDataParallel) else model
+    tok = handle.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    out: list[str] = []
+    was_training, side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"
+    try:
+        for s in _bar(range(0, len(prompts), batch_size), progress, "caption", total=-(-len(prompts) // batch_size)):
+            enc = processor(text=list(prompts[s:s + batch_size]), images=list(images[s:s + batch_size]),
+                            return_tensors="pt", padding=True).to(_device(model))
+            with torch.inference_mode():
+                new = gen_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                         **({"eos_token_id": eos} if eos is not None else {}))
+            new = new[:, enc["input_ids"].shape[1]:]
+            out += [tok.decode(_until_eos(row, eos), skip_special_tokens=True).strip() for row in new]
+    finally:
+        tok.padding_side = side
         if was_training:
             model.train()
     return out

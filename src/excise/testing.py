@@ -6,9 +6,12 @@ No download: configs are built in code and weights are random (seeded).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
-from excise.models.load import from_model
+from excise.errors import ExciseError
+from excise.models.load import from_model, load
+from excise.models.processors import image_only_processor
 
 TINY: dict[str, dict[str, Any]] = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -197,3 +200,150 @@ MORE_DECODERS += ("falcon", "gptj", "bloom")
 # not in ENCODERS: peft has no default LoRA targets for distilbert (q_lin/v_lin), which the
 # encoder fairness-finetuning tests rely on
 MORE_ENCODERS: tuple[str, ...] = ("distilbert",)
+
+
+# --- tiny vision-language models (tests/test_vlm_anatomy.py) ----------------------------------
+# 32x32 px images, 8 px patches: 16 patches per image. Each family's processor (not excise) expands
+# the image placeholder into image tokens, so the conventions are the family's own.
+VLM_FAMILIES = ("llava", "clip", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+CAPTION_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # generate text from an image
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PLACEHOLDER = {"llava": "<image>", "clip": "", "qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE,
+                     "idefics3": "<image>", "smolvlm": "<image>"}
+_VLM_WORDS = ("a the an photo picture image of man woman person people doctor nurse engineer teacher is are was "
+              "in on at with and who what describe caption he she his her they their it this that").split()
+_IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+_QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_VLM_SPECIALS = {"llava": ["<image>"], "clip": [], "qwen2_vl": _QWEN_TOKENS, "qwen2_5_vl": _QWEN_TOKENS,
+                 "idefics3": _IDEFICS_TOKENS, "smolvlm": _IDEFICS_TOKENS + ["<video>"]}
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8)
+
+
+def tiny_word_tokenizer(specials: Any = (), *, add_eos: bool = False) -> Any:
+    """A word-level fast tokenizer over a small captioning vocabulary, plus the family's special tokens.
+
+    <pad> 0, <s> 1, <unk> 2, </s> 3 (eos is not 2: CLIP reads id 2 as the legacy "argmax" eos).
+    Prepends <s>; ``add_eos`` also appends </s> (CLIP's text tower pools at the eos).
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "<unk>", "</s>", *_VLM_WORDS])}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tmpl = "<s> $A </s>" if add_eos else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=tmpl, special_tokens=[("<s>", 1), ("</s>", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    if specials:
+        fast.add_special_tokens({"additional_special_tokens": list(specials)})
+    return fast
+
+
+def tiny_vlm_parts(family: str, *, seed: int = 0) -> tuple[Any, Any]:
+    """(model, processor) of a tiny random VLM of the family, built from configs (no download)."""
+    import torch
+    import transformers as tf
+
+
+    if family not in VLM_FAMILIES:
+        raise ExciseError(f"no tiny VLM for family '{family}'; choose one of {', '.join(VLM_FAMILIES)}")
+    if family == "smolvlm" and importlib.util.find_spec("num2words") is None:
+        raise ExciseError("the SmolVLM processor needs the num2words package: pip install num2words")
+    tok = tiny_word_tokenizer(_VLM_SPECIALS[family], add_eos=family == "clip")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _VLM_SPECIALS[family]}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                pad_token_id=0, bos_token_id=1, eos_token_id=3)
+    torch.manual_seed(seed)
+    if family == "llava":
+        ip = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        # num_additional_image_tokens=1: CLIP's CLS; "default" drops it, leaving one token per patch
+        proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, image_token="<image>",
+                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        # vision_feature_layer=-1: the last vision block feeds the projector (-2 would leave it without gradient)
+        cfg = tf.LlavaConfig(vision_config=dict(_VISION, model_type="clip_vision_model"),
+                             text_config=dict(text, model_type="llama"), image_token_id=ids["<image>"],
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+        model = tf.LlavaForConditionalGeneration(cfg)
+    elif family == "clip":
+        ip = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = tf.CLIPProcessor(image_processor=ip, tokenizer=tok)
+        cfg = tf.CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=len(tok), max_position_embeddings=64,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=3),
+                            vision_config=_VISION, projection_dim=16)
+        model = tf.CLIPModel(cfg)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        # 32x32 px -> a 4x4 grid of 8 px patches -> 2x2 merged image tokens
+        ip = tf.Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
+                                      temporal_patch_size=2)
+        v2 = family == "qwen2_vl"
+        proc = image_only_processor(tf.Qwen2VLProcessor if v2 else tf.Qwen2_5_VLProcessor)(image_processor=ip,
+                                                                                          tokenizer=tok)
+        vision = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+        # qwen2.5: 16 px windows (4 patches) in block 0, full attention in block 1
+        vision.update(dict(embed_dim=32, hidden_size=64, mlp_ratio=2) if v2 else
+                      dict(hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=16,
+                           fullatt_block_indexes=[1]))
+        cfg = (tf.Qwen2VLConfig if v2 else tf.Qwen2_5_VLConfig)(
+            vision_config=vision, text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        model = (tf.Qwen2VLForConditionalGeneration if v2 else tf.Qwen2_5_VLForConditionalGeneration)(cfg)
+    else:  # idefics3, smolvlm: 16 patches, pixel-shuffled by 2 -> 4 image tokens; no image splitting
+        is_smol = family == "smolvlm"
+        ip_cls = tf.SmolVLMImageProcessor if is_smol else tf.Idefics3ImageProcessor
+        ip = ip_cls(size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False)
+        proc_cls = image_only_processor(tf.SmolVLMProcessor) if is_smol else tf.Idefics3Processor
+        proc = proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=4)
+        cfg_cls = tf.SmolVLMConfig if is_smol else tf.Idefics3Config
+        cfg = cfg_cls(vision_config=_VISION, text_config=dict(text, model_type="llama"), scale_factor=2,
+                      image_token_id=ids["<image>"])
+        model = (tf.SmolVLMForConditionalGeneration if is_smol else tf.Idefics3ForConditionalGeneration)(cfg)
+    return model.eval(), proc
+
+
+def tiny_vlm(family: str, tmp_dir: Any = None, *, seed: int = 0) -> Any:
+    """A ModelHandle around a tiny random VLM with its family's processor.
+
+    With ``tmp_dir`` the model and processor are saved there and loaded back with
+    ``excise.models.load(tmp_dir, kind="vlm")`` (the path a real checkpoint takes).
+    """
+    from pathlib import Path
+
+
+    model, proc = tiny_vlm_parts(family, seed=seed)
+    if tmp_dir is None:
+        return from_model(model, processor=proc, name=f"tiny-{family}", kind="vlm")
+    path = Path(tmp_dir)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return load(str(path), kind="vlm")
+
+
+def tiny_image(seed: int = 0, size: int = 32) -> Any:
+    """A random RGB PIL image (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
+
+
+def vlm_inputs(handle: Any, images: Any, texts: Any = "describe the photo") -> Any:
+    """Processor inputs for a tiny VLM: each image with its text (the family's image placeholder prepended).
+
+    CLIP pairs images and texts without a placeholder. Idefics3 / SmolVLM take one list of images per text.
+    """
+    family = handle.vision.spec.family
+    family = "smolvlm" if getattr(handle.model.config, "model_type", "") == "smolvlm" else family
+    texts = [texts] * len(images) if isinstance(texts, str) else list(texts)
+    if family == "clip":
+        return handle.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    prompts = [f"{IMAGE_PLACEHOLDER[family]} {t}" for t in texts]
+    imgs = [[im] for im in images] if family in ("idefics3", "smolvlm") else list(images)
+    return handle.processor(images=imgs, text=prompts, return_tensors="pt", padding=True)

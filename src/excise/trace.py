@@ -11,174 +11,53 @@ site                what                                                    shap
 ``attn.{l}.pattern`` attention probabilities (needs eager attention)        [B, H, T, T]
 ``mlp.{l}.hidden``  input of the MLP down-projection (after activation)     [B, T, d_mlp]
 ``mlp.{l}.out``     output of the MLP down-projection                       [B, T, d_model]
+``vision.{l}``      output of vision-tower block ``l`` (VLMs)                [B, P, d_vision]
+``projector.out``   projector / connector output, as it enters the LM        [B, P', d_model]
 ==================  =====================================================  ==================
 
+``P`` counts patches, CLS included where the family has one (LLaVA, CLIP); ``P'`` counts image
+tokens. Qwen2-VL runs its tower on all images' patches concatenated: ``vision.{l}`` is
+[N_patches, d_vision] and ``projector.out`` [N_tokens, d_model] there. CLIP's projector is the
+image embedding, [B, projection_dim]. Idefics3 / SmolVLM have one row per image (tile).
+
 Pooling (padding-aware, from the attention mask of the forward call): ``all`` keeps every
-position; ``last`` takes the last real token; ``mean`` averages real tokens. For patterns,
-pooling applies to the query axis. A Trace never converts or wraps the model: with nothing to
-capture or edit, no hook is registered and logits are bit-identical to plain ``transformers``.
-Streaming a whole dataset to disk is :mod:`excise.trace_store`.
+position; ``last`` takes the last real token; ``mean`` averages real tokens; ``cls`` takes
+position 0. For patterns, pooling applies to the query axis. Vision sites ignore the mask (it
+is the LM's): ``mean`` averages every patch, ``last`` takes the last; flat (Qwen2-VL) captures
+pool per image, from the tower call's ``grid_thw``. A vision site needs a
+:class:`~excise.models.anatomy.VisionAnatomy`, built only when one is asked for.
+
+A Trace never converts or wraps the model: with nothing to capture or edit, no hook is
+registered and logits are bit-identical to plain ``transformers``. Site names, edits and pooling
+are :mod:`excise.sites` (re-exported here); streaming a whole dataset to disk is
+:mod:`excise.trace_store`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 
 from excise.errors import ExciseError
-from excise.models.anatomy import Anatomy
-
-Pool = Literal["all", "last", "mean"]
-POOLS = ("all", "last", "mean")
-SITE_KINDS = ("resid", "attn.z", "attn.pattern", "mlp.hidden", "mlp.out")
-_SITE_RE = re.compile(r"^(?:(resid)\.(\d+)|attn\.(\d+)\.(z|pattern)|mlp\.(\d+)\.(hidden|out))$")
-
-
-@dataclass(frozen=True)
-class Site:
-    kind: str  # one of SITE_KINDS
-    layer: int
-
-    @property
-    def name(self) -> str:
-        if self.kind == "resid":
-            return f"resid.{self.layer}"
-        a, b = self.kind.split(".")
-        return f"{a}.{self.layer}.{b}"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def parse_site(name: str, n_layers: int | None = None) -> Site:
-    m = _SITE_RE.match(name)
-    if not m:
-        raise ExciseError(
-            f"unknown site '{name}'; sites are resid.L, attn.L.z, attn.L.pattern, mlp.L.hidden, mlp.L.out "
-            "(L a layer index, or * for all layers)"
-        )
-    if m.group(1):
-        site = Site("resid", int(m.group(2)))
-    elif m.group(3):
-        site = Site(f"attn.{m.group(4)}", int(m.group(3)))
-    else:
-        site = Site(f"mlp.{m.group(6)}", int(m.group(5)))
-    if n_layers is not None and not 0 <= site.layer < n_layers:
-        raise ExciseError(f"site '{name}': layer {site.layer} out of range 0..{n_layers - 1}")
-    return site
-
-
-def expand_sites(patterns: str | Iterable[str], n_layers: int) -> list[str]:
-    """Expand ``*`` over layers and the shorthand ``all``: ``attn.*.z`` -> attn.0.z ... attn.{L-1}.z."""
-    if isinstance(patterns, str):
-        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
-    out: list[str] = []
-    for p in patterns:
-        if p == "all":
-            out += [s for l in range(n_layers) for s in
-                    (f"resid.{l}", f"attn.{l}.z", f"attn.{l}.pattern", f"mlp.{l}.hidden", f"mlp.{l}.out")]
-        elif "*" in p:
-            out += [p.replace("*", str(l)) for l in range(n_layers)]
-        else:
-            out.append(p)
-    for s in out:
-        parse_site(s, n_layers)
-    return list(dict.fromkeys(out))
-
-
-@dataclass
-class Edit:
-    """An edit applied at a site during the forward pass.
-
-    ``op``: ``scale`` (multiply by ``value``: a float, or a per-head vector [H] at ``attn.L.z``),
-    ``zero``, ``patch`` (replace with ``value``, e.g. another run's cache, broadcast to the site's
-    shape), ``add`` (add ``value``, e.g. a steering vector). ``heads`` restricts an ``attn.L.z``
-    edit to some heads; ``positions`` restricts it to some token positions.
-    """
-
-    site: str
-    op: Literal["scale", "zero", "patch", "add"]
-    value: Any = None
-    heads: Sequence[int] | None = None
-    positions: Sequence[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.op not in ("scale", "zero", "patch", "add"):
-            raise ExciseError(f"unknown edit op '{self.op}'; choose scale, zero, patch or add")
-        if self.op in ("scale", "patch", "add") and self.value is None:
-            raise ExciseError(f"edit '{self.op}' at {self.site} needs a value")
-
-
-def _apply_edit(x: torch.Tensor, edit: Edit, site: Site) -> torch.Tensor:
-    """Return x edited; ``x`` has shape [B, T, H, Dh] at attn.z and [B, T, F] elsewhere.
-
-    The edit is computed on the whole tensor and blended in with a boolean selection over
-    positions (and heads), so it works with any broadcastable value and keeps autograd intact.
-    """
-    if site.kind == "attn.pattern":
-        raise ExciseError("attn.L.pattern is read-only: edit attn.L.z to change what a head writes")
-    if edit.heads is not None and site.kind != "attn.z":
-        raise ExciseError(f"edit at {site.name}: 'heads' only applies to attn.L.z sites")
-    if edit.op == "zero":
-        new = torch.zeros_like(x)
-    else:
-        v = torch.as_tensor(edit.value, dtype=x.dtype, device=x.device)
-        if site.kind == "attn.z" and v.dim() == 1 and v.numel() == x.shape[-2] and edit.op == "scale":
-            v = v.view(-1, 1)  # per-head scale against [..., H, Dh]
-        try:
-            if edit.op == "scale":
-                new = x * v
-            elif edit.op == "add":
-                new = x + v
-            else:
-                new = v.expand_as(x)
-            if new.shape != x.shape:
-                raise RuntimeError("shape")
-        except RuntimeError:
-            raise ExciseError(
-                f"edit '{edit.op}' at {site.name}: value of shape {tuple(v.shape)} does not broadcast to the site's "
-                f"shape {tuple(x.shape)} (patch with a pool='all' capture of the same batch shape)"
-            ) from None
-    if edit.positions is None and edit.heads is None:
-        return new
-    T = x.shape[1]
-    sel = torch.zeros((T, x.shape[2]) if site.kind == "attn.z" else (T,), dtype=torch.bool, device=x.device)
-    pos = list(range(T)) if edit.positions is None else [p for p in edit.positions if -T <= p < T]
-    if edit.heads is None:
-        sel[pos] = True
-    else:
-        for h in edit.heads:
-            sel[pos, h] = True
-    sel = sel.view(1, *sel.shape, *([1] * (x.dim() - 1 - sel.dim())))
-    return torch.where(sel, new, x)
-
-
-def _pool(x: torch.Tensor, mask: torch.Tensor | None, pool: str, time_dim: int = 1) -> torch.Tensor:
-    """Pool the token axis, reading real positions from the attention mask."""
-    if pool == "all":
-        return x
-    T = x.shape[time_dim]
-    if mask is None or mask.shape[-1] != T:
-        mask = torch.ones(x.shape[0], T, dtype=torch.long, device=x.device)
-    mask = mask.to(x.device)
-    if pool == "last":
-        # index of the last real token works for left and right padding alike
-        last = (T - 1) - mask.flip(-1).long().argmax(-1)
-        index = last.view(-1, *([1] * (x.dim() - 1)))
-        # every non-time axis keeps its full size (heads of a pattern included)
-        index = index.expand(*x.shape[:time_dim], 1, *x.shape[time_dim + 1:])
-        return x.gather(time_dim, index).squeeze(time_dim)
-    if pool == "mean":
-        m = mask.to(x.dtype).view(x.shape[0], *([1] * (time_dim - 1)), T, *([1] * (x.dim() - time_dim - 1)))
-        return (x * m).sum(time_dim) / m.sum(time_dim).clamp(min=1)
-    raise ExciseError(f"unknown pooling '{pool}'; choose all, last or mean")
-
+from excise.models.anatomy import Anatomy, VisionAnatomy
+from excise.sites import (  # noqa: F401  (re-exported: the Trace's public vocabulary)
+    POOLS,
+    SITE_KINDS,
+    VISION_KINDS,
+    Edit,
+    Pool,
+    Site,
+    _apply_edit,
+    _pool,
+    _pool_vision,
+    expand_sites,
+    is_vision_site,
+    parse_site,
+)
 
 def _ask_for_weights(module, args, kwargs):
     """Forward pre-hook: call an attention module with ``output_attentions=True``."""
@@ -187,6 +66,23 @@ def _ask_for_weights(module, args, kwargs):
         return None
     bound.arguments["output_attentions"] = True
     return bound.args, bound.kwargs
+
+
+def _post_hook(module: torch.nn.Module, hook: Callable) -> Any:
+    """Register a forward hook that runs before transformers' output recorders on the module.
+
+    transformers 5 records ``output_hidden_states`` with forward hooks of its own, installed on first
+    use; left before ours they would record the unedited output (LLaVA reads its image features
+    from the vision tower's hidden_states). Hooks of other Traces keep their order.
+    """
+    handle = module.register_forward_hook(hook)
+    hooks = module._forward_hooks
+    for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "") == _RECORDER_MODULE]:
+        hooks.move_to_end(key)
+    return handle
+
+
+_RECORDER_MODULE = "transformers.utils.output_capturing"
 
 
 class Trace:
@@ -216,14 +112,26 @@ class Trace:
         keep_passes: bool = False,
         grad_from_embeddings: bool = False,
     ) -> None:
-        self.model = handle.model if hasattr(handle, "anatomy") else handle
-        self.anatomy = handle.anatomy if hasattr(handle, "anatomy") and handle.anatomy is not None else Anatomy.of(self.model)
+        is_handle = hasattr(handle, "anatomy")
+        self.model = handle.model if is_handle else handle
         if pool not in POOLS:
-            raise ExciseError(f"unknown pooling '{pool}'; choose all, last or mean")
-        n = self.anatomy.n_layers
-        self.capture_sites = [parse_site(s, n) for s in expand_sites(capture, n)] if capture else []
+            raise ExciseError(f"unknown pooling '{pool}'; choose all, last, mean or cls")
+        edits = list(edits)
+        names = [p.strip() for p in capture.split(",")] if isinstance(capture, str) else list(capture)
+        names += [e.site for e in edits]
+        # a vision anatomy only when a vision site is asked for: text models never need one
+        self.vision = None
+        if any(is_vision_site(p) for p in names):
+            self.vision = (handle.vision if is_handle and hasattr(type(handle), "vision") else None) \
+                or VisionAnatomy.of(self.model)
+        self.anatomy = handle.anatomy if is_handle else None
+        if self.anatomy is None and (grad_from_embeddings or not (names and all(is_vision_site(p) for p in names))):
+            self.anatomy = Anatomy.of(self.model)
+        n = self.anatomy.n_layers if self.anatomy is not None else 0
+        nv = self.vision.n_layers if self.vision is not None else None
+        self.capture_sites = [parse_site(s, n, nv) for s in expand_sites(capture, n, nv)] if capture else []
         # an edit at ``attn.*.z`` applies at every layer; the caller's Edit objects are not mutated
-        self.edits = [dataclasses.replace(e, site=s) for e in edits for s in expand_sites([e.site], n)]
+        self.edits = [dataclasses.replace(e, site=s) for e in edits for s in expand_sites([e.site], n, nv)]
         for e in self.edits:  # fail before the forward pass, not inside a hook
             site = parse_site(e.site)
             if site.kind == "attn.pattern":
@@ -244,6 +152,7 @@ class Trace:
         self.passes: list[dict[str, torch.Tensor]] = []  # one cache per forward call (keep_passes=True)
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
+        self._grid: torch.Tensor | None = None  # grid_thw of the latest vision-tower call (flat layouts)
         if any(s.kind == "attn.pattern" for s in self.capture_sites):
             impl = getattr(self.model.config, "_attn_implementation", None)
             if impl not in (None, "eager"):
@@ -254,7 +163,9 @@ class Trace:
 
     # --- hooks -------------------------------------------------------------------------
     def _store(self, site: Site, x: torch.Tensor) -> None:
-        if site.kind == "attn.pattern":
+        if site.kind in VISION_KINDS:
+            x = _pool_vision(x, self.pool, self.vision.image_lengths(self._grid, site.kind == "projector.out"))
+        elif site.kind == "attn.pattern":
             x = _pool(x, self._mask, self.pool, time_dim=2)
         else:
             x = _pool(x, self._mask, self.pool, time_dim=1)
@@ -289,9 +200,13 @@ class Trace:
             return
         # the mask is read at the top model and again at the module holding the layers, so a call
         # to the inner model alone (or a VLM's language model) never pools with a stale mask
-        for m in dict.fromkeys([self.model, an.root]) if (self.capture_sites or self.keep_passes) else ():
+        roots = [self.model, getattr(an, "root", None)]  # no LM anatomy: vision sites only
+        for m in dict.fromkeys(roots) if (self.capture_sites or self.keep_passes) else ():
             if isinstance(m, torch.nn.Module):
                 self._handles.append(m.register_forward_pre_hook(self._grab_mask, with_kwargs=True))
+        if self.vision is not None and self.vision.spec.flat and any(s.kind in VISION_KINDS
+                                                                     for s in self.capture_sites):
+            self._handles.append(self.vision.tower().register_forward_pre_hook(self._grab_grid, with_kwargs=True))
         for (kind, layer), todo in by_target.items():
             site = Site(kind, layer)
             caps, edits = todo["cap"], todo["edit"]
@@ -302,7 +217,7 @@ class Trace:
             elif kind in ("resid", "mlp.out"):
                 module = an.layer(layer) if kind == "resid" else an.mlp_down(layer)
                 copy = kind == "mlp.out" and an.spec.mlp_out_added_in_place
-                self._handles.append(module.register_forward_hook(self._make_post_hook(site, caps, edits, copy)))
+                self._handles.append(_post_hook(module, self._make_post_hook(site, caps, edits, copy)))
             elif kind == "attn.pattern":
                 if edits:
                     raise ExciseError("attn.L.pattern is read-only: edit attn.L.z to change what a head writes")
@@ -311,6 +226,9 @@ class Trace:
                     # legacy attention modules (DeBERTa-v2) return weights only when asked
                     self._handles.append(attn.register_forward_pre_hook(_ask_for_weights, with_kwargs=True))
                 self._handles.append(attn.register_forward_hook(self._make_pattern_hook(site)))
+            elif kind in VISION_KINDS:
+                module = self.vision.layer(layer) if kind == "vision" else self.vision.projector()
+                self._handles.append(_post_hook(module, self._make_post_hook(site, caps, edits)))
 
     def _grab_mask(self, module, args, kwargs):
         if self.keep_passes and module is self.model:
@@ -324,6 +242,11 @@ class Trace:
                 mask = None
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         return None
+
+    def _grab_grid(self, module, args, kwargs):
+        # read at the tower, not the top model: transformers 5's generate() encodes images before its first call
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._grid = grid if isinstance(grid, torch.Tensor) else None
 
     def _make_pre_hook(self, site: Site, caps, edits, heads: int | None) -> Callable:
         def hook(module, args):
@@ -345,11 +268,13 @@ class Trace:
         return hook
 
     def _make_post_hook(self, site: Site, caps, edits, copy: bool = False) -> Callable:
+        time_dim = 0 if site.kind in VISION_KINDS and self.vision.spec.flat else 1
+
         def hook(module, args, output):
             is_tuple = isinstance(output, tuple)
             x = output[0] if is_tuple else output
             for e in edits:
-                x = _apply_edit(x, e, site)
+                x = _apply_edit(x, e, site, time_dim)
             if caps:
                 # the model may add into x in place after this hook; pooled captures are copies already
                 self._store(site, x.clone() if copy and self.detach and self.pool == "all" else x)
@@ -392,9 +317,9 @@ class Trace:
 
 def run_with_cache(handle: Any, texts_or_batch: Any, capture: str | Iterable[str], *, pool: Pool = "all",
                    edits: Iterable[Edit] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass with captures: returns (logits or last hidden state, cache)."""
+    """One forward pass with captures: returns (logits, CLIP's logits_per_image, or last hidden state; cache)."""
     batch = handle.encode(texts_or_batch) if isinstance(texts_or_batch, (list, tuple)) else texts_or_batch
     with torch.inference_mode(), Trace(handle, capture, edits, pool=pool) as tr:
         out = handle.model(**batch)
-    logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    logits = next(getattr(out, k) for k in ("logits", "logits_per_image", "last_hidden_state") if hasattr(out, k))
     return logits, tr.cache

@@ -1,6 +1,7 @@
 """Streaming activations to disk: trace a whole dataset into safetensors shards with a manifest
-(:func:`trace_dataset`) and read them back (:class:`ActivationStore`). Sites and pooling are those
-of :class:`excise.trace.Trace`."""
+(:func:`trace_dataset` for texts, :func:`trace_images` for a vision-language model's (prompt,
+image) pairs) and read them back (:class:`ActivationStore`). Sites and pooling are those of
+:class:`excise.trace.Trace`, plus ``image`` pooling (the mean over image positions) for VLMs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+import json
+import shutil
+import time
 
 import torch
 from safetensors import safe_open
@@ -18,6 +23,8 @@ from excise.errors import ExciseError
 from excise.io import atomic_dir, atomic_write_json, read_json
 from excise.models.load import last_logits_only
 from excise.trace import Pool, Trace, expand_sites, parse_site
+
+IMAGE_POOLS = ("image", "mean", "last", "cls", "all")
 
 @dataclass
 class ShardWriter:
@@ -136,7 +143,137 @@ class ActivationStore:
                 keys = sites or list(f.keys())
                 yield {k: f.get_tensor(k) for k in keys}
 
+    def samples(self) -> list[dict]:
+        """The per-sample records written beside the shards (empty if none were given)."""
+        name = self.manifest.get("samples")
+        if not name:
+            return []
+        with open(self.path / name, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def load(self, site: str) -> torch.Tensor:
         if site not in self.manifest["sites"]:
             raise ExciseError(f"site '{site}' was not traced; traced: {', '.join(self.sites[:6])}...")
         return torch.cat([s[site] for s in self.iter_shards([site])], 0)
+
+
+def _pool_vlm(x: torch.Tensor, pool: str, site: str, image_mask: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Pool one capture [B, T, ...]: language-model sites by token masks, vision sites over patches."""
+    if pool == "all":
+        return x
+    if pool == "cls":
+        return x[:, 0]
+    vision = site.startswith(("vision.", "projector."))
+    if pool == "last":
+        if vision:
+            return x[:, -1]
+        last = (attn_mask.shape[1] - 1) - attn_mask.flip(-1).long().argmax(-1)
+        return x[torch.arange(x.shape[0]), last.to(x.device)]
+    if vision:  # image and mean agree: every position is an image position
+        return x.mean(1)
+    m = (image_mask if pool == "image" else attn_mask).to(x.dtype).to(x.device)
+    m = m.view(*m.shape, *([1] * (x.dim() - 2)))
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], capture: str | Iterable[str],
+                 out_dir: str | Path, *, pool: str | dict[str, str] = "image", batch_size: int = 32,
+                 shard_size: int = 512, samples: Sequence[dict] | None = None, progress: bool = True) -> "ActivationStore":
+    """Trace a VLM over (prompt, image) pairs and stream pooled captures to shards with a manifest.
+
+    ``capture``: language-model sites (``resid.L`` ...) and vision sites (``vision.L``,
+    ``projector.out``). ``pool``: one of ``image`` (mean over the image-token positions of the
+    language model, over patches for vision sites), ``mean`` (all real tokens), ``last``, ``cls``
+    (position 0), ``all`` (every position; equal lengths only), or a dict site -> pool.
+    ``samples``: one JSON-able record per pair (id, image path, captions, labels), written to
+    ``samples.jsonl`` beside the manifest. Resumable: shards land in ``<out>.partial/`` as they
+    are written, a re-run with the same settings continues after the last complete shard, and
+    the folder becomes ``<out>`` only when complete.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "manifest.json").exists():
+        return ActivationStore(out_dir)
+    if len(prompts) != len(images) or not prompts:
+        raise ExciseError(f"trace_images needs as many prompts as images (got {len(prompts)} and {len(images)}), at least one")
+    if samples is not None and len(samples) != len(prompts):
+        raise ExciseError(f"{len(samples)} sample records for {len(prompts)} pairs")
+    processor = getattr(handle, "processor", None)
+    if processor is None:
+        raise ExciseError("trace_images needs a vision-language model handle with a processor")
+    n_layers = handle.anatomy.n_layers if handle.anatomy is not None else 0
+    sites = [s for p in ([capture] if isinstance(capture, str) else capture) for s in str(p).split(",") if s.strip()]
+    sites = expand_vlm_sites(handle, sites)
+    pools = {s: (pool.get(s, pool.get("*", "image")) if isinstance(pool, dict) else pool) for s in sites}
+    bad = sorted({p for p in pools.values() if p not in IMAGE_POOLS})
+    if bad:
+        raise ExciseError(f"unknown pooling '{bad[0]}'; choose one of {', '.join(IMAGE_POOLS)}")
+    image_id = getattr(handle.model.config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(handle.model.config, "image_token_index", None)
+    settings = {"model": handle.name, "sites": sites, "pools": pools, "n_samples": len(prompts), "n_layers": n_layers}
+    part = out_dir.with_name(out_dir.name + ".partial")
+    state_path = part / "progress.json"
+    done = 0
+    if state_path.exists():
+        state = read_json(state_path)
+        if state.get("settings") == settings:
+            done = int(state["done"])
+            shards = state["shards"]
+            shapes = state["shapes"]
+        else:
+            shutil.rmtree(part)
+    if done == 0:
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        shards, shapes = [], {}
+    writer = ShardWriter(part, shard_size, shards=list(shards), shapes=dict(shapes))
+    model = handle.model
+    bar = tqdm(total=len(prompts), initial=done, desc="extract", unit="img", disable=not progress)
+    t0 = time.time()
+    with torch.inference_mode(), Trace(handle, sites, pool="all") as tr:
+        for i in range(done, len(prompts), batch_size):
+            chunk = slice(i, min(i + batch_size, len(prompts)))
+            enc = processor(text=list(prompts[chunk]), images=list(images[chunk]), return_tensors="pt",
+                            padding=True).to(handle.device)
+            model(**enc)
+            ids, amask = enc["input_ids"], enc["attention_mask"]
+            imask = ids == image_id if image_id is not None else amask.bool()
+            writer.add({s: _pool_vlm(tr.cache[s], pools[s], s, imask, amask).float() for s in sites}, ids.shape[0])
+            tr.cache.clear()
+            bar.update(ids.shape[0])
+            if writer.n_buffered == 0:  # a shard was just written: record progress for a resume
+                atomic_write_json(state_path, {"settings": settings, "done": chunk.stop, "shards": writer.shards,
+                                               "shapes": writer.shapes})
+    writer.flush()
+    bar.close()
+    if samples is not None:
+        with open(part / "samples.jsonl", "w", encoding="utf-8") as f:
+            for rec in samples:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_write_json(part / "manifest.json", {
+        "format": "excise.activations/1", "model": handle.name, "sites": sites, "pools": pools,
+        "n_samples": len(prompts), "shapes": writer.shapes, "shards": writer.shards, "dtype": "float32",
+        "prompts": sorted(set(prompts)), "samples": "samples.jsonl" if samples is not None else None,
+        "seconds": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    state_path.unlink(missing_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    part.replace(out_dir)
+    return ActivationStore(out_dir)
+
+
+def expand_vlm_sites(handle: Any, sites: Sequence[str]) -> list[str]:
+    """Expand ``*`` over the language model's layers (``resid.*``) or the vision tower's (``vision.*``)."""
+    out: list[str] = []
+    for s in sites:
+        s = s.strip()
+        if s.startswith("vision.") and "*" in s:
+            n = handle.vision.n_layers
+            out += [s.replace("*", str(l)) for l in range(n)]
+        elif s.startswith(("vision.", "projector.")):
+            out.append(s)
+        else:
+            if handle.anatomy is None:
+                raise ExciseError(f"site '{s}': this model has no language-model anatomy")
+            out += expand_sites([s], handle.anatomy.n_layers)
+    return list(dict.fromkeys(out))

@@ -19,8 +19,9 @@ from typing import Any, Literal, Sequence
 
 from excise.errors import ExciseError
 from excise.io import atomic_dir
-from excise.models.anatomy import Anatomy, _text_config, spec_for_model_type
+from excise.models.anatomy import Anatomy, VisionAnatomy, _text_config, spec_for_model_type
 from excise.models.defaults import DEFAULTS, SMOLLM2_GGUF, package_dir, prepared_dir
+from excise.models.processors import image_only_processor, vlm_processor
 
 Kind = Literal["auto", "causal-lm", "encoder", "vlm"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,6 +39,17 @@ class ModelHandle:
     source: str  # where the weights came from (hub id, directory, packaged GGUF...)
     processor: Any = None
     extra: dict = field(default_factory=dict)
+    _vision: Any = field(default=None, repr=False, compare=False)  # (model, VisionAnatomy) once computed
+
+    @property
+    def vision(self) -> VisionAnatomy:
+        """The vision tower's anatomy (computed on first use, so text models never pay for it).
+
+        A text model or an unsupported VLM family raises a one-line ExciseError.
+        """
+        if self._vision is None or self._vision[0] is not self.model:
+            self._vision = (self.model, VisionAnatomy.of(self.model))
+        return self._vision[1]
 
     @property
     def device(self):
@@ -54,7 +66,8 @@ class ModelHandle:
         ``after`` can be evaluated side by side.
         """
         anatomy = Anatomy.of(model) if self.anatomy is not None else None
-        return replace(self, model=model, anatomy=anatomy, name=name or self.name, extra={**self.extra, **extra})
+        return replace(self, model=model, anatomy=anatomy, name=name or self.name, extra={**self.extra, **extra},
+                       _vision=None)
 
     def chat(self, user: str, system: str | None = None) -> str:
         """Format one user turn with the chat template (plain text if the model has none)."""
@@ -245,6 +258,9 @@ def load(
         raise ExciseError(f"cannot load model '{name_or_path}': {_first_line(e)[:200]}") from None
     if kind == "auto":
         kind = hint if hint != "auto" else _kind_from_config(config)  # type: ignore[assignment]
+    if kind == "vlm" and getattr(config, "vision_config", None) is None:
+        raise ExciseError(f"cannot load '{name_or_path}' as a vlm: its config has no vision_config (not a "
+                          "vision-language model); use kind='causal-lm' or 'encoder'")
     if kind != "vlm":
         # unsupported family: fail before reading any weights
         spec_for_model_type(getattr(_text_config(config), "model_type", None) or "unknown")
@@ -264,9 +280,7 @@ def load(
 
             model = AutoModel.from_pretrained(source, **kwargs)
         elif kind == "vlm":
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(source, **common)
+            processor = vlm_processor(source, config, common)
             tokenizer = getattr(processor, "tokenizer", processor)
             if getattr(config, "model_type", "") in ("clip", "siglip"):
                 from transformers import AutoModel
@@ -342,11 +356,24 @@ def _tokenizer(auto_cls: Any, source: str, name: str, common: dict) -> Any:
         ) from None
 
 
-def from_model(model: Any, tokenizer: Any = None, name: str = "custom", kind: str = "causal-lm") -> ModelHandle:
-    """Wrap an already-built model (e.g. a tiny random one from a config) in a handle."""
+def from_model(model: Any, tokenizer: Any = None, name: str = "custom", kind: str = "causal-lm",
+               processor: Any = None) -> ModelHandle:
+    """Wrap an already-built model (e.g. a tiny random one from a config) in a handle.
+
+    A VLM (``kind="vlm"``) whose language model excise has no anatomy for gets ``anatomy=None``,
+    as :func:`load` gives it; its tokenizer defaults to the processor's.
+    """
     model.eval()
-    return ModelHandle(model=model, tokenizer=tokenizer, anatomy=Anatomy.of(model), name=name, kind=kind,
-                       source="in-memory")
+    if kind == "vlm":
+        tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        try:
+            anatomy = Anatomy.of(model)
+        except ExciseError:
+            anatomy = None
+    else:
+        anatomy = Anatomy.of(model)
+    return ModelHandle(model=model, tokenizer=tokenizer, anatomy=anatomy, name=name, kind=kind,
+                       source="in-memory", processor=processor)
 
 
 def clear_prepared(name: str) -> None:

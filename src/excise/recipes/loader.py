@@ -21,6 +21,7 @@ WORKFLOWS = {
     "undo": "excise.recipes.robust_unlearn",
     "pipeline": "excise.recipes.pipeline",
     "fair": "excise.recipes.fair_encoder",
+    "captions": "excise.recipes.caption_bias",
 }
 PACKAGED = Path(__file__).parent
 

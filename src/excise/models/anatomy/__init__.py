@@ -25,8 +25,10 @@ from excise.models.anatomy import (  # noqa: F401  (registration)
     phi,
     phi3,
     starcoder2,
+    vlm_text,
 )
 from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, register
+from excise.models.anatomy.vision import VisionAnatomy, VisionSpec, supported_vlm_types
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -216,4 +218,5 @@ def anatomy_of(model: "nn.Module") -> Anatomy:
     return Anatomy.of(model)
 
 
-__all__ = ["Anatomy", "AnatomySpec", "anatomy_of", "register", "spec_for_model_type", "supported_model_types"]
+__all__ = ["Anatomy", "AnatomySpec", "VisionAnatomy", "VisionSpec", "anatomy_of", "register", "spec_for_model_type",
+           "supported_model_types", "supported_vlm_types"]
