@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--d-in", type=int, default=64)
     ap.add_argument("--expansion", type=int, default=4)
+    ap.add_argument("--d-sae", type=int, default=None, help="dictionary size (overrides --expansion)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--l1", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
@@ -199,7 +200,7 @@ def main() -> None:
     x = load_acts(args.acts) if args.acts else realistic_acts(args.n, args.d_in)
     n_test = len(x) // 8
     train, test = x[:-n_test], x[-n_test:]
-    base = dict(expansion=args.expansion, epochs=args.epochs)
+    base = dict(expansion=args.expansion, d_sae=args.d_sae, epochs=args.epochs)
     runs = [("topk", dict(architecture="topk", k=args.k))] + [(f"l1 {c:g}", dict(architecture="l1", l1_coeff=c)) for c in args.l1]
     rows, res = [], {}
     for name, kw in runs:

@@ -301,8 +301,10 @@ def generate_with_images(handle: Any, prompts: Sequence[str], images: Sequence[A
     tok.padding_side = "left"
     try:
         for s in _bar(range(0, len(prompts), batch_size), progress, "caption", total=-(-len(prompts) // batch_size)):
-            enc = processor(text=list(prompts[s:s + batch_size]), images=list(images[s:s + batch_size]),
-                            return_tensors="pt", padding=True).to(_device(model))
+            # one list of images per prompt: SmolVLM's processor needs it, the others accept it
+            ims = [im if isinstance(im, (list, tuple)) else [im] for im in images[s:s + batch_size]]
+            enc = processor(text=list(prompts[s:s + batch_size]), images=ims, return_tensors="pt",
+                            padding=True).to(_device(model))
             with torch.inference_mode():
                 new = gen_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                          **({"eos_token_id": eos} if eos is not None else {}))

@@ -326,6 +326,25 @@ def tiny_vlm(family: str, tmp_dir: Any = None, *, seed: int = 0) -> Any:
     return load(str(path), kind="vlm")
 
 
+def caption_chat_template(family: str) -> str:
+    """A minimal chat template placing the family's image placeholder before the text.
+
+    The tiny processors have none and their tokenizers no ``<en>`` / ``<ar>`` tag, so
+    :func:`excise.tasks.caption_prompts.caption_prompt` needs one to build a captioning prompt."""
+    return ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            + IMAGE_PLACEHOLDER[family] + "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %} caption{% endif %}")
+
+
+def tiny_captioner(family: str, tmp_dir: Any = None, *, seed: int = 0) -> Any:
+    """:func:`tiny_vlm` of a captioning family whose processor carries :func:`caption_chat_template`."""
+    if family not in CAPTION_FAMILIES:
+        raise ExciseError(f"'{family}' writes no caption; choose one of {', '.join(CAPTION_FAMILIES)}")
+    h = tiny_vlm(family, tmp_dir, seed=seed)
+    h.processor.chat_template = caption_chat_template(family)
+    return h
+
+
 def tiny_image(seed: int = 0, size: int = 32) -> Any:
     """A random RGB PIL image (seeded)."""
     import numpy as np

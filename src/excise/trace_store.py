@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import json
 import shutil
 import time
+from contextlib import ExitStack
 
 import torch
 from safetensors import safe_open
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from excise.errors import ExciseError
 from excise.io import atomic_dir, atomic_write_json, read_json
 from excise.models.load import last_logits_only
-from excise.trace import Pool, Trace, expand_sites, parse_site
+from excise.trace import Pool, Trace, expand_sites, is_vision_site, parse_site
 
 IMAGE_POOLS = ("image", "mean", "last", "cls", "all")
 
@@ -157,26 +158,44 @@ class ActivationStore:
         return torch.cat([s[site] for s in self.iter_shards([site])], 0)
 
 
-def _pool_vlm(x: torch.Tensor, pool: str, site: str, image_mask: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-    """Pool one capture [B, T, ...]: language-model sites by token masks, vision sites over patches."""
+def _pool_vlm(x: torch.Tensor, pool: str, image_mask: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Pool one language-model capture [B, T, ...] by its token masks (vision sites pool in the Trace)."""
     if pool == "all":
         return x
     if pool == "cls":
         return x[:, 0]
-    vision = site.startswith(("vision.", "projector."))
     if pool == "last":
-        if vision:
-            return x[:, -1]
         last = (attn_mask.shape[1] - 1) - attn_mask.flip(-1).long().argmax(-1)
         return x[torch.arange(x.shape[0]), last.to(x.device)]
-    if vision:  # image and mean agree: every position is an image position
-        return x.mean(1)
     m = (image_mask if pool == "image" else attn_mask).to(x.dtype).to(x.device)
     m = m.view(*m.shape, *([1] * (x.dim() - 2)))
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], capture: str | Iterable[str],
+def _as_list(image: Any) -> list:
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _per_image(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A flat (Qwen2-VL) ``all`` capture [n * P, d] as [n, P, d]: every image has P rows at equal sizes."""
+    if x.shape[0] == n:
+        return x
+    if x.shape[0] % n:
+        raise ExciseError(f"pool='all' at a flat vision site needs equal-sized images ({x.shape[0]} rows for {n} images)")
+    return x.view(n, x.shape[0] // n, *x.shape[1:])
+
+
+def is_contrastive(handle: Any) -> bool:
+    """A contrastive image-text model (CLIP): its projector pools one embedding per image, and images
+    never enter a language model, so nothing is generated from them."""
+    try:
+        spec = handle.vision.spec
+    except (ExciseError, AttributeError):
+        return False
+    return bool(spec.pooled_projector) or not callable(getattr(handle.model, "generate", None))
+
+
+def trace_images(handle: Any, prompts: Sequence[str] | None, images: Sequence[Any], capture: str | Iterable[str],
                  out_dir: str | Path, *, pool: str | dict[str, str] = "image", batch_size: int = 32,
                  shard_size: int = 512, samples: Sequence[dict] | None = None, progress: bool = True) -> "ActivationStore":
     """Trace a VLM over (prompt, image) pairs and stream pooled captures to shards with a manifest.
@@ -185,6 +204,8 @@ def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], cap
     ``projector.out``). ``pool``: one of ``image`` (mean over the image-token positions of the
     language model, over patches for vision sites), ``mean`` (all real tokens), ``last``, ``cls``
     (position 0), ``all`` (every position; equal lengths only), or a dict site -> pool.
+    A contrastive model (CLIP, :func:`is_contrastive`) runs its image tower alone: vision sites only,
+    ``prompts`` ignored (None allowed); ``projector.out`` is then one embedding per image.
     ``samples``: one JSON-able record per pair (id, image path, captions, labels), written to
     ``samples.jsonl`` beside the manifest. Resumable: shards land in ``<out>.partial/`` as they
     are written, a re-run with the same settings continues after the last complete shard, and
@@ -193,10 +214,14 @@ def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], cap
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists():
         return ActivationStore(out_dir)
-    if len(prompts) != len(images) or not prompts:
-        raise ExciseError(f"trace_images needs as many prompts as images (got {len(prompts)} and {len(images)}), at least one")
-    if samples is not None and len(samples) != len(prompts):
-        raise ExciseError(f"{len(samples)} sample records for {len(prompts)} pairs")
+    contrastive = is_contrastive(handle)
+    if prompts is None and contrastive:
+        prompts = [""] * len(images)
+    if prompts is None or len(prompts) != len(images) or not images:
+        raise ExciseError(f"trace_images needs as many prompts as images (got {len(prompts or [])} and "
+                          f"{len(images)}), at least one")
+    if samples is not None and len(samples) != len(images):
+        raise ExciseError(f"{len(samples)} sample records for {len(images)} images")
     processor = getattr(handle, "processor", None)
     if processor is None:
         raise ExciseError("trace_images needs a vision-language model handle with a processor")
@@ -207,10 +232,20 @@ def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], cap
     bad = sorted({p for p in pools.values() if p not in IMAGE_POOLS})
     if bad:
         raise ExciseError(f"unknown pooling '{bad[0]}'; choose one of {', '.join(IMAGE_POOLS)}")
+    lm_sites = [s for s in sites if not is_vision_site(s)]
+    if contrastive and lm_sites:
+        raise ExciseError(f"site '{lm_sites[0]}': images do not pass a contrastive model's text tower; "
+                          "trace vision.L and projector.out")
+    # vision sites pool inside the Trace (it knows each image's patches, flat layouts included);
+    # language-model sites are captured whole and pooled here by the image-token mask
+    groups: dict[str, list[str]] = {}
+    for s in sites:
+        key = "lm" if s in lm_sites else {"image": "mean"}.get(pools[s], pools[s])
+        groups.setdefault(key, []).append(s)
     image_id = getattr(handle.model.config, "image_token_id", None)
     if image_id is None:
         image_id = getattr(handle.model.config, "image_token_index", None)
-    settings = {"model": handle.name, "sites": sites, "pools": pools, "n_samples": len(prompts), "n_layers": n_layers}
+    settings = {"model": handle.name, "sites": sites, "pools": pools, "n_samples": len(images), "n_layers": n_layers}
     part = out_dir.with_name(out_dir.name + ".partial")
     state_path = part / "progress.json"
     done = 0
@@ -228,19 +263,35 @@ def trace_images(handle: Any, prompts: Sequence[str], images: Sequence[Any], cap
         shards, shapes = [], {}
     writer = ShardWriter(part, shard_size, shards=list(shards), shapes=dict(shapes))
     model = handle.model
-    bar = tqdm(total=len(prompts), initial=done, desc="extract", unit="img", disable=not progress)
+    bar = tqdm(total=len(images), initial=done, desc="extract", unit="img", disable=not progress)
     t0 = time.time()
-    with torch.inference_mode(), Trace(handle, sites, pool="all") as tr:
-        for i in range(done, len(prompts), batch_size):
-            chunk = slice(i, min(i + batch_size, len(prompts)))
-            enc = processor(text=list(prompts[chunk]), images=list(images[chunk]), return_tensors="pt",
-                            padding=True).to(handle.device)
-            model(**enc)
-            ids, amask = enc["input_ids"], enc["attention_mask"]
-            imask = ids == image_id if image_id is not None else amask.bool()
-            writer.add({s: _pool_vlm(tr.cache[s], pools[s], s, imask, amask).float() for s in sites}, ids.shape[0])
-            tr.cache.clear()
-            bar.update(ids.shape[0])
+    with torch.inference_mode(), ExitStack() as stack:
+        traces = {k: stack.enter_context(Trace(handle, v, pool="all" if k == "lm" else k)) for k, v in groups.items()}
+        for i in range(done, len(images), batch_size):
+            chunk = slice(i, min(i + batch_size, len(images)))
+            n = chunk.stop - chunk.start
+            if contrastive:  # CLIP: the image tower and its projection only
+                px = processor(images=list(images[chunk]), return_tensors="pt")["pixel_values"]
+                model.get_image_features(pixel_values=px.to(handle.device))
+            else:
+                # one image list per prompt: SmolVLM's processor refuses a flat list, every family takes this
+                enc = processor(text=list(prompts[chunk]), images=[_as_list(im) for im in images[chunk]],
+                                return_tensors="pt", padding=True).to(handle.device)
+                model(**enc)
+                ids, amask = enc["input_ids"], enc["attention_mask"]
+                imask = ids == image_id if image_id is not None else amask.bool()
+            out = {}
+            for k, tr in traces.items():
+                for s in groups[k]:
+                    x = tr.cache[s]
+                    if k == "lm":
+                        x = _pool_vlm(x, pools[s], imask, amask)
+                    elif k == "all":
+                        x = _per_image(x, n)
+                    out[s] = x.float()
+                tr.cache.clear()
+            writer.add(out, n)
+            bar.update(n)
             if writer.n_buffered == 0:  # a shard was just written: record progress for a resume
                 atomic_write_json(state_path, {"settings": settings, "done": chunk.stop, "shards": writer.shards,
                                                "shapes": writer.shapes})

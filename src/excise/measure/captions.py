@@ -74,9 +74,9 @@ class CaptionItem:
         return self.true_gender == self.stereotype
 
 
-def _check_items(captions: Sequence[str], items: Sequence[CaptionItem]) -> None:
+def _check_items(captions: Sequence[str], items: Sequence[CaptionItem], what: str = "caption") -> None:
     if len(captions) != len(items):
-        raise ExciseError(f"{len(captions)} captions for {len(items)} caption items; give one caption per item")
+        raise ExciseError(f"{len(captions)} {what}s for {len(items)} caption items; give one {what} per item")
     for k, it in enumerate(items):
         if it.lang not in LANGS:
             raise ExciseError(f"caption item {k}: unknown language {it.lang!r}; use one of {', '.join(LANGS)}")
@@ -119,17 +119,41 @@ def caption_gender_result(captions: Sequence[str], items: Sequence[CaptionItem],
                           seed: int = 0, meta: Mapping[str, Any] | None = None) -> GroupedResult:
     """Gender accuracy and bias of ``captions`` (one per item) as a GroupedResult.
 
-    ``overall``: gender_accuracy (visible scenes), accuracy_male, accuracy_female,
-    accuracy_stereotypical, accuracy_counter_stereotypical, wrong_gender_rate, no_gender_rate
-    (visible scenes); ambiguous_gendered_rate (ambiguous scenes whose caption names male or
-    female), ambiguous_stereotype_rate (... names the context's stereotyped gender; ambiguous
-    scenes with a stereotype), ambiguous_stereotype_share (the same among captions naming a
-    gender; 0.5 = no lean). ``by_group``: per context (``lang:context`` when languages mix).
-    ``differences``: bias_gap = accuracy_male - accuracy_female and stereotype_gap =
-    accuracy_stereotypical - accuracy_counter_stereotypical, bootstrap CIs.
+    Each caption's gender is inferred with the bilingual lexicon, then scored by
+    :func:`gender_result` (see there for the metrics).
     """
     _check_items(captions, items)
     pred = [infer_gender(c, it.lang) for c, it in zip(captions, items)]
+    return gender_result(pred, items, n_boot=n_boot, seed=seed, meta=meta,
+                         rule="visible scene correct iff the caption's inferred gender equals the true gender")
+
+
+PREDICTED = ("male", "female", "neutral", "mixed", "none")
+
+
+def gender_result(predicted: Sequence[str], items: Sequence[CaptionItem], *, n_boot: int = 1000, seed: int = 0,
+                  meta: Mapping[str, Any] | None = None,
+                  rule: str = "visible scene correct iff the predicted gender equals the true gender") -> GroupedResult:
+    """Gender accuracy and bias of predicted genders (one per item) as a GroupedResult.
+
+    Shared by captioners (gender read off the caption) and zero-shot classifiers such as CLIP
+    (gender predicted directly), so both are scored by one rule. ``predicted``: male, female,
+    neutral, mixed or none.
+
+    ``overall``: gender_accuracy (visible scenes), accuracy_male, accuracy_female,
+    accuracy_stereotypical, accuracy_counter_stereotypical, wrong_gender_rate, no_gender_rate
+    (visible scenes); ambiguous_gendered_rate (ambiguous scenes predicted male or female),
+    ambiguous_stereotype_rate (... predicted the context's stereotyped gender; ambiguous scenes
+    with a stereotype), ambiguous_stereotype_share (the same among those predicted a gender; 0.5 =
+    no lean). ``by_group``: per context (``lang:context`` when languages mix). ``differences``:
+    bias_gap = accuracy_male - accuracy_female and stereotype_gap = accuracy_stereotypical -
+    accuracy_counter_stereotypical, bootstrap CIs.
+    """
+    pred = list(predicted)
+    _check_items(pred, items, "prediction")
+    bad = sorted({p for p in pred if p not in PREDICTED})
+    if bad:
+        raise ExciseError(f"predicted gender {bad[0]!r} is not one of {', '.join(PREDICTED)}")
     cells = _gender_cells(pred, items)
     overall = {m: _rate(v) for m, v in cells.items()}
     mixed_langs = len({it.lang for it in items}) > 1
@@ -146,8 +170,7 @@ def caption_gender_result(captions: Sequence[str], items: Sequence[CaptionItem],
         diffs[name] = dataclasses.replace(d, method=f"bootstrap-diff ({a} - {b})")
     info = {"n_items": len(items), "n_visible": sum(it.visible for it in items),
             "n_ambiguous": sum(not it.visible for it in items), "langs": sorted({it.lang for it in items}),
-            "inferred": dict(Counter(pred)), "n_boot": n_boot, "seed": seed,
-            "rule": "visible scene correct iff the caption's inferred gender equals the true gender"}
+            "inferred": dict(Counter(pred)), "n_boot": n_boot, "seed": seed, "rule": rule}
     group_by = "lang:context" if mixed_langs else "context"
     return GroupedResult(overall, by_group, diffs, group_by, {**info, **(meta or {})})
 

@@ -19,6 +19,17 @@ Stages (folders of the run directory):
   gendered wording on hidden-cue scenes, BLEU and ROUGE-L, each with n and a 95% CI.
 * ``report``: the before/after table per language, example images with their captions, the SAE
   metrics, the gender latents and the patching map.
+
+A contrastive model (CLIP: no ``generate``, :func:`excise.trace_store.is_contrastive`) writes no
+caption, so the same stages measure its zero-shot gender reading instead
+(:mod:`excise.locate.clip_probe`: image embedding vs "a photo of a man / woman" prompts):
+``extract`` traces vision blocks and ``projector.out`` only (images never pass its text tower);
+``sae`` learns the image embeddings ([N, d], one per image) and its splice check is the zero-shot
+gender cross-entropy on held-out visible scenes with the reconstruction spliced in vs the
+embedding zero-ablated (chance); ``locate`` patches twin into scene at each vision site, as the
+share of the twin's change in p(female); ``before`` and ``sae_edit`` score the predicted genders
+with :func:`excise.measure.captions.gender_result` (no BLEU / ROUGE: there is no text); ``lora``
+is skipped with its reason (the gender-swap LoRA trains on caption likelihood).
 """
 
 from __future__ import annotations
@@ -36,9 +47,10 @@ from excise.intervene.caption_lora import gender_swap_lora
 from excise.io import atomic_write_json
 from excise.lm import generate_with_images
 from excise.locate.caption_patching import patching_map, splice_losses
+from excise.locate.clip_probe import zero_shot_gender, zero_shot_patching, zero_shot_splice
 from excise.locate.sae import load_sae, save_sae, top_gender_latents
 from excise.locate.sae_train import sae_metrics, train_sae
-from excise.measure.captions import CaptionItem, caption_gender_result, caption_quality_result
+from excise.measure.captions import CaptionItem, caption_gender_result, caption_quality_result, gender_result
 from excise.measure.frame import GroupedResult
 from excise.models import load
 from excise.organisms.caption_vlm import build_caption_organism
@@ -49,7 +61,7 @@ from excise.tasks.caption_prompts import caption_prompt, image_size
 from excise.tasks.caption_lexicon import infer_gender
 from excise.tasks.captions import CaptionRecord, Scene, image_digest, load_caption_folder, make_scenes
 from excise.trace import Edit, Trace
-from excise.trace_store import ActivationStore, trace_images
+from excise.trace_store import ActivationStore, is_contrastive, trace_images
 
 
 def load_model(cfg: CaptionBiasConfig, console: Any = None) -> Any:
@@ -107,7 +119,8 @@ def generate_captions(handle: Any, scenes: Sequence[Any], lang: str, cfg: Captio
     size = image_size(handle.processor)
     prompts = [caption_prompt(handle.processor, lang)] * len(scenes)
     with Trace(handle, edits=list(edits)) if edits else _null():
-        return generate_with_images(handle, prompts, [s.image(size) for s in scenes],
+        # one image list per prompt: every family's processor takes it, SmolVLM's only this
+        return generate_with_images(handle, prompts, [[s.image(size)] for s in scenes],
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
 
 
@@ -134,9 +147,7 @@ def evaluate(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfig, d: Path
         hyps += caps
         refs += ref
         langs += [lang] * len(caps)
-        rows += [{"scene_id": s.scene_id, "lang": lang, "context": s.context, "gender": s.gender,
-                  "visible": int(s.visible), "stereotypical": int(s.stereotypical), "caption": c, "reference": r}
-                 for s, c, r in zip(scenes, caps, ref)]
+        rows += [{**_row(s, lang), "caption": c, "reference": r} for s, c, r in zip(scenes, caps, ref)]
     q = caption_quality_result(hyps, refs, langs, n_boot=cfg.n_boot, seed=cfg.seed, meta={"model": name})
     q.save(d, "quality")
     # visible scenes only: references that any labelling convention agrees on (hidden-cue references
@@ -148,6 +159,40 @@ def evaluate(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfig, d: Path
     for lang in cfg.langs:
         out[lang].update({k: round(e.value, 2) for k, e in q.by_group[lang].items()})
         out[lang].update({f"{k}_visible": round(e.value, 2) for k, e in qv.by_group[lang].items()})
+    with open(d / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _row(s: Any, lang: str) -> dict:
+    st = s.stereotypical  # a caption folder may leave it unlabelled
+    return {"scene_id": s.scene_id, "lang": lang, "context": s.context, "gender": s.gender,
+            "visible": int(s.visible), "stereotypical": "" if st is None else int(st)}
+
+
+def evaluate_zero_shot(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfig, d: Path, name: str,
+                       edits: Sequence[Edit] = ()) -> dict:
+    """A contrastive model's zero-shot gender on the eval scenes in every language; writes
+    gender_<lang>.json and captions.csv (the predicted gender and p(female) as the "caption")."""
+    size = image_size(handle.processor)
+    images = [s.image(size) for s in scenes]
+    rows, out = [], {}
+    with Trace(handle, edits=list(edits)) if edits else _null():
+        for lang in cfg.langs:
+            pred, p = zero_shot_gender(handle, images, lang, batch_size=cfg.batch_size)
+            res = gender_result(pred, caption_items(scenes, lang), n_boot=cfg.n_boot, seed=cfg.seed,
+                                meta={"model": name, "lang": lang, "probe": "zero-shot (clip_probe.gender_prompts)"},
+                                rule="visible scene correct iff the zero-shot prediction is the true gender")
+            res.save(d, f"gender_{lang}")
+            out[lang] = _summary(res)
+            female = [v for s, v in zip(scenes, p) if s.visible and s.gender == "female"]
+            male = [v for s, v in zip(scenes, p) if s.visible and s.gender == "male"]
+            out[lang].update({"mean_p_female_female": round(float(np.mean(female)), 4) if female else float("nan"),
+                              "mean_p_female_male": round(float(np.mean(male)), 4) if male else float("nan")})
+            rows += [{**_row(s, lang), "caption": f"{g} (p_female={v:.2f})", "predicted": g, "p_female": float(v)}
+                     for s, g, v in zip(scenes, pred, p)]
     with open(d / "captions.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -199,6 +244,8 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
     pools = scene_pools(cfg)
     size = image_size(handle.processor)
     site = cfg.sae.site
+    clip = is_contrastive(handle)
+    score = evaluate_zero_shot if clip else evaluate
     res: dict[str, Any] = {"dir": str(run.dir)}
 
     def say(msg: str) -> None:
@@ -214,14 +261,15 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
                 "counts": {k: _counts(v) for k, v in pools.items()}, **check}
 
     def st_extract(d: Path) -> dict:
-        scenes = pools["locate"]
+        scenes, e = pools["locate"], cfg.extract
         images = [s.image(size) for s in scenes]
-        prompts = [caption_prompt(handle.processor, cfg.langs[0])] * len(scenes)
+        # CLIP: images never pass its text tower, so language-model sites are dropped and no prompt is used
+        prompts = None if clip else [caption_prompt(handle.processor, cfg.langs[0])] * len(scenes)
+        sites = [x for x in e.sites if x.startswith(("vision.", "projector."))] if clip else e.sites
         samples = [{"id": s.scene_id, "context": s.context, "gender": s.gender, "visible": s.visible,
                     "stereotypical": s.stereotypical, **{f"{lang}_caption": s.caption(lang) for lang in cfg.langs}}
                    for s in scenes]
-        e = cfg.extract
-        pooled = trace_images(handle, prompts, images, e.sites, d / "pooled", pool=e.pool, batch_size=e.batch_size,
+        pooled = trace_images(handle, prompts, images, sites, d / "pooled", pool=e.pool, batch_size=e.batch_size,
                               shard_size=e.shard_size, samples=samples, progress=console is not None)
         tokens = trace_images(handle, prompts, images, [site], d / "tokens", pool="all", batch_size=e.batch_size,
                               shard_size=e.shard_size, samples=samples, progress=False)
@@ -230,15 +278,17 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
 
     def st_sae(d: Path) -> dict:
         store = ActivationStore(run.stage_dir("extract") / "tokens")
-        acts = store.load(site)  # [N, T, d] per-token activations of the locate images
+        acts = store.load(site)  # [N, T, d] per-token activations ([N, d] for CLIP's image embedding)
         n_train = int(round(0.8 * acts.shape[0]))
-        sae, hist = train_sae(acts[:n_train].reshape(-1, acts.shape[-1]), cfg.sae.sae)
+        train = acts[:n_train].reshape(-1, acts.shape[-1])
+        sae, hist = train_sae(train, cfg.sae.sae)
         metrics = sae_metrics(sae, acts[n_train:].reshape(-1, acts.shape[-1]))
         held = pools["locate"][n_train:]
-        splice = splice_losses(handle, held, cfg.langs, site, sae, batch_size=cfg.batch_size)
+        splice = (zero_shot_splice(handle, held, cfg.langs, site, sae, size=size, batch_size=cfg.batch_size) if clip
+                  else splice_losses(handle, held, cfg.langs, site, sae, batch_size=cfg.batch_size))
         save_sae(sae, d / "sae", hook_name=site, model_name=handle.name, config=cfg.sae.sae)
         return {"site": site, "n_train_images": n_train, "n_heldout_images": len(held),
-                "n_train_vectors": int(n_train * acts.shape[1]), "train_seconds": hist.get("wall_s"),
+                "n_train_vectors": int(train.shape[0]), "train_seconds": hist.get("wall_s"),
                 "metrics": metrics, "splice": splice}
 
     def st_locate(d: Path) -> dict:
@@ -246,7 +296,8 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
         acts = ActivationStore(run.stage_dir("extract") / "tokens").load(site)
         scenes = pools["locate"]
         with torch.no_grad():
-            lat = sae.encode(acts).mean(1).numpy()  # per image: mean latent over the site's positions
+            lat = sae.encode(acts)
+            lat = (lat.mean(1) if lat.dim() == 3 else lat).numpy()  # per image: mean latent over the site's positions
         known = np.asarray([s.visible and s.gender in ("male", "female") for s in scenes])
         lat = lat[known]
         labels = np.asarray([1 if s.gender == "female" else 0 for s, k in zip(scenes, known) if k])
@@ -255,8 +306,9 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
                     "favours": "female" if e.value > 0.5 else "male",
                     "mean_female": float(lat[labels == 1, j].mean()), "mean_male": float(lat[labels == 0, j].mean())}
                    for j, e in top]
-        pm = patching_map(handle, [s for s in scenes if s.visible and s.twin() is not None][:cfg.n_patch], cfg.langs[0], size=size,
-                          batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
+        pairs = [s for s in scenes if s.visible and s.twin() is not None][:cfg.n_patch]  # a caption folder has none
+        patch = zero_shot_patching if clip else patching_map
+        pm = patch(handle, pairs, cfg.langs[0], size=size, batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed)
         atomic_write_json(d / "patching.json", pm)
         return {"site": site, "n_images": int(known.sum()), "gender_latents": latents,
                 "n_latents_ci_excludes_half": len(top_gender_latents(lat, labels, n_boot=cfg.n_boot, seed=cfg.seed)),
@@ -270,18 +322,21 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
         idx = torch.tensor([r["latent"] for r in latents])
         target = torch.tensor([(r["mean_female"] + r["mean_male"]) / 2 for r in latents])
         edit = latent_edit(sae, site, idx, target if cfg.sae.edit == "clamp" else torch.zeros_like(target))
-        m = evaluate(handle, pools["eval"], cfg, d, f"{handle.name}+sae-{cfg.sae.edit}", [edit])
+        m = score(handle, pools["eval"], cfg, d, f"{handle.name}+sae-{cfg.sae.edit}", [edit])
         return {"edit": cfg.sae.edit, "latents": idx.tolist(), **m}
 
     def lora_stage(d: Path) -> dict:
+        if clip:
+            return {"skipped": "a contrastive model writes no caption: the gender-swap LoRA trains on caption "
+                               "likelihood, which CLIP does not define"}
         h2, info = gender_swap_lora(handle, pools["mitigate"], cfg.langs, cfg.mitigate, size=size,
                                     progress=console is not None, checkpoint_dir=run.checkpoint_dir("lora"))
         return {"training": info, **evaluate(h2, pools["eval"], cfg, d, h2.name)}
 
     stages = [("data", st_data), ("extract", st_extract), ("sae", st_sae), ("locate", st_locate),
-              ("before", lambda d: evaluate(handle, pools["eval"], cfg, d, handle.name)),
+              ("before", lambda d: score(handle, pools["eval"], cfg, d, handle.name)),
               ("lora", lora_stage), ("sae_edit", sae_edit_stage),
-              ("report", lambda d: write_report(run.dir, d, cfg, pools["eval"], size))]
+              ("report", lambda d: write_report(run.dir, d, cfg, pools["eval"], size, contrastive=clip))]
     for name, fn in stages:
         say(f"[{name}]")
         r = run.stage(name, fn)

@@ -23,7 +23,8 @@ class ExtractConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
     sites: list[str] = Field(["vision.*", "projector.out", "resid.*"],
-                             description="vision-tower blocks, the projector output, language-model residuals")
+                             description="vision-tower blocks, the projector output, language-model residuals "
+                                         "(dropped for a contrastive model such as CLIP: images never enter its text tower)")
     pool: Literal["image", "mean", "last", "cls"] = Field(
         "image", description="image: mean over image positions (patches, or the image tokens in the language model)")
     batch_size: int = Field(64, ge=1, description="images per forward pass")
@@ -34,8 +35,10 @@ class SAEStageConfig(BaseModel):
     """Which activations the sparse autoencoder learns, and how."""
 
     model_config = {"extra": "forbid"}
-    site: str = Field("projector.out", description="the site whose per-token activations the SAE learns; its "
-                                                   "reconstruction is spliced back there for the caption loss")
+    site: str = Field("projector.out", description="the site whose per-token activations the SAE learns (CLIP's "
+                                                   "projector.out: one image embedding per image); its reconstruction "
+                                                   "is spliced back there for the caption loss (CLIP: the zero-shot "
+                                                   "gender cross-entropy)")
     # the organism's projector output is about 8-dimensional (8 principal components hold 99.8% of its
     # variance), so a wide dictionary leaves most latents dead: 16 latents, k = 4 (docs/captions.md)
     sae: SAEConfig = Field(default_factory=lambda: SAEConfig(architecture="topk", d_sae=16, k=4, epochs=30),

@@ -28,7 +28,15 @@ def caption_prompt(processor: Any, lang: str) -> str:
         raise ExciseError(f"unknown caption language '{lang}'; choose one of {', '.join(LANGS)}")
     if getattr(processor, "chat_template", None):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION[lang]}]}]
-        return processor.apply_chat_template(msgs, add_generation_prompt=True)
+        try:
+            return processor.apply_chat_template(msgs, add_generation_prompt=True)
+        except AttributeError as e:
+            if "video_processor" not in str(e):
+                raise
+            # an image-only SmolVLM processor (no torchvision) reads video settings even for images:
+            # render the same template with its tokenizer
+            return processor.tokenizer.apply_chat_template(msgs, chat_template=processor.chat_template,
+                                                           tokenize=False, add_generation_prompt=True)
     tok = processor.tokenizer
     if tok.convert_tokens_to_ids(LANG_TAG[lang]) in (None, tok.unk_token_id):
         raise ExciseError(f"the processor has no chat template and its tokenizer no '{LANG_TAG[lang]}' token: "
@@ -63,7 +71,7 @@ def prompt_ids(processor: Any, lang: str) -> list[int]:
         from PIL import Image
 
         size = image_size(processor)
-        enc = processor(text=[caption_prompt(processor, lang)], images=[Image.new("RGB", (size, size))],
+        enc = processor(text=[caption_prompt(processor, lang)], images=[[Image.new("RGB", (size, size))]],
                         return_tensors="pt")
         _PROMPT_IDS[key] = enc["input_ids"][0].tolist()
     return _PROMPT_IDS[key]
