@@ -112,6 +112,18 @@ def run_recipe(
     run_recipe_file(recipe, out=out, force=force, quick=quick, console=_console(), overrides=set_)
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="a run directory, or two runs of the same workflow to compare"),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default: RUN/report.html, or RUN_A/compare_<RUN_B>.html)"),
+) -> None:
+    """One self-contained HTML report of a run (verdict, tables, figures, provenance), or two runs side by side."""
+    from excise.report.html import write_report
+
+    path = write_report(runs, out)
+    _console().print(f"report: {path}", markup=False, highlight=False)
+
+
 def _validated(model_cls, data: dict, source: str = "command line"):
     from excise.config import validate
 

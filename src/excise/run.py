@@ -14,6 +14,8 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("excise", "torch", "transformers", "peft", "accelerate"):
+    for name in ("excise", "torch", "transformers", "peft", "accelerate", "numpy", "safetensors"):
         try:
             from importlib.metadata import version
 
@@ -53,6 +55,41 @@ def _versions() -> dict[str, str]:
         except Exception:
             pass
     return out
+
+
+def _git() -> dict[str, Any]:
+    """The commit of the excise checkout that ran this (None outside a git checkout), so a result can be traced to code."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return {"commit": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+
+
+def _seeds(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every setting named seed/seeds in the config, by dotted path (the run's sources of randomness)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_seeds(v, key + "."))
+        elif str(k).endswith(("seed", "seeds")):
+            out[key] = v
+    return out
+
+
+def _torch_threads() -> int | None:
+    """torch's CPU thread count if torch is loaded (never imports it: a run without torch records None)."""
+    torch = sys.modules.get("torch")
+    try:
+        return int(torch.get_num_threads()) if torch is not None else None
+    except Exception:  # pragma: no cover - a half-imported torch
+        return None
 
 
 def write_metrics(directory: str | Path, metrics: Mapping[str, Any] | list[Mapping[str, Any]], name: str = "metrics") -> None:
@@ -143,7 +180,11 @@ class Run:
         self._clear_first = False
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / self.CONFIG, self.config)
-        atomic_write_json(self.dir / "run.json", {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions()})
+        atomic_write_json(self.dir / "run.json", {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(), "git": _git(),
+            "seeds": _seeds(self.config), "torch_threads": _torch_threads(),
+            "platform": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
+            "stages": {}})
         self._started = True
         return self
 
@@ -172,11 +213,25 @@ class Run:
                 raise ExciseError(f"corrupt run directory: {final / 'stage.json'} has no status 'done'; pass --force")
             return StageResult(name, final, metrics, skipped=True)
         self.start()
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         with atomic_dir(final) as tmp:
             metrics = fn(tmp)
             if metrics is not None:
                 write_metrics(tmp, metrics)
-            atomic_write_json(tmp / "stage.json", {"status": "done", "seconds": round(time.time() - t0, 3)})
+            timing = {"seconds": round(time.time() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
+                      "torch_threads": _torch_threads()}
+            atomic_write_json(tmp / "stage.json", {"status": "done", **timing})
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+        self._record_stage(name, timing)
         return StageResult(name, final, metrics, skipped=False)
+
+    def _record_stage(self, name: str, timing: Mapping[str, Any]) -> None:
+        """Add a finished stage's wall and CPU seconds to run.json (the report's provenance reads them)."""
+        path = self.dir / "run.json"
+        try:
+            info = read_json(path) if path.exists() else {}
+        except ExciseError:  # a damaged run.json must not fail a finished stage
+            info = {}
+        info = info if isinstance(info, dict) else {}
+        info.setdefault("stages", {})[name] = dict(timing)
+        atomic_write_json(path, info)

@@ -16,19 +16,25 @@ from excise.errors import ExciseError
 
 Pool = Literal["all", "last", "mean", "cls"]
 POOLS = ("all", "last", "mean", "cls")
-SITE_KINDS = ("resid", "attn.z", "attn.pattern", "mlp.hidden", "mlp.out", "vision", "projector.out")
+SITE_KINDS = ("resid", "attn.z", "attn.pattern", "mlp.hidden", "mlp.out", "vision", "projector.out",
+              "mlp.router", "mlp.expert.hidden", "mlp.expert.out")
 VISION_KINDS = ("vision", "projector.out")
+MOE_KINDS = ("mlp.router", "mlp.expert.hidden", "mlp.expert.out")
 _SITE_RE = re.compile(
-    r"^(?:(resid|vision)\.(\d+)|attn\.(\d+)\.(z|pattern)|mlp\.(\d+)\.(hidden|out)|(projector\.out))$")
+    r"^(?:(resid|vision)\.(\d+)|attn\.(\d+)\.(z|pattern)|mlp\.(\d+)\.(hidden|out|router)|(projector\.out))$")
+_EXPERT_RE = re.compile(r"^mlp\.(\d+)\.expert\.(\d+)\.(hidden|out)$")
 
 
 @dataclass(frozen=True)
 class Site:
     kind: str  # one of SITE_KINDS
     layer: int
+    expert: int | None = None  # mlp.expert.* sites only
 
     @property
     def name(self) -> str:
+        if self.expert is not None:
+            return f"mlp.{self.layer}.expert.{self.expert}.{self.kind.rsplit('.', 1)[1]}"
         if self.kind in ("resid", "vision"):
             return f"{self.kind}.{self.layer}"
         if self.kind == "projector.out":
@@ -40,13 +46,24 @@ class Site:
         return self.name
 
 
-def parse_site(name: str, n_layers: int | None = None, n_vision_layers: int | None = None) -> Site:
-    """``n_layers`` bounds the language model's layers, ``n_vision_layers`` the vision tower's."""
+def parse_site(name: str, n_layers: int | None = None, n_vision_layers: int | None = None,
+               n_experts: int | None = None) -> Site:
+    """``n_layers`` bounds the language model's layers, ``n_vision_layers`` the vision tower's, ``n_experts`` experts."""
+    e = _EXPERT_RE.match(name)
+    if e:
+        site = Site(f"mlp.expert.{e.group(3)}", int(e.group(1)), int(e.group(2)))
+        if n_layers is not None and not 0 <= site.layer < n_layers:
+            raise ExciseError(f"site '{name}': layer {site.layer} out of range 0..{n_layers - 1}")
+        if n_experts is not None and not 0 <= site.expert < n_experts:
+            raise ExciseError(f"site '{name}': expert {site.expert} out of range 0..{n_experts - 1}"
+                              if n_experts else f"site '{name}': the model has no mixture of experts")
+        return site
     m = _SITE_RE.match(name)
     if not m:
         raise ExciseError(
             f"unknown site '{name}'; sites are resid.L, attn.L.z, attn.L.pattern, mlp.L.hidden, mlp.L.out, "
-            "vision.L, projector.out (L a layer index, or * for all layers)"
+            "mlp.L.router, mlp.L.expert.E.hidden, mlp.L.expert.E.out, vision.L, projector.out "
+            "(L a layer index, E an expert index, or * for all)"
         )
     if m.group(7):
         return Site("projector.out", 0)
@@ -66,20 +83,32 @@ def is_vision_site(name: str) -> bool:
     return name.startswith("vision.") or name == "projector.out"
 
 
-def expand_sites(patterns: str | Iterable[str], n_layers: int, n_vision_layers: int | None = None) -> list[str]:
+def expand_sites(patterns: str | Iterable[str], n_layers: int, n_vision_layers: int | None = None, *,
+                 moe_layers: Iterable[int] = (), n_experts: int | None = None) -> list[str]:
     """Expand ``*`` over layers (``vision.*`` over the vision tower's) and the shorthand ``all`` (LM sites).
 
-    ``attn.*.z`` -> attn.0.z ... attn.{L-1}.z. Without ``n_vision_layers`` a named vision site is
-    kept unchecked and ``vision.*`` is an error; whether the model has a vision tower is the
-    Trace's check (its VisionAnatomy).
+    ``attn.*.z`` -> attn.0.z ... attn.{L-1}.z; ``mlp.*.expert.*.out`` also over ``n_experts``. In
+    ``all`` a mixture-of-experts layer (``moe_layers``) has ``mlp.L.router`` instead of
+    ``mlp.L.hidden`` (per-expert sites are asked for by name: there are many). Without
+    ``n_vision_layers`` a named vision site is kept unchecked and ``vision.*`` is an error; whether
+    the model has a vision tower is the Trace's check (its VisionAnatomy).
     """
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    moe = set(moe_layers)
     out: list[str] = []
     for p in patterns:
         if p == "all":
             out += [s for l in range(n_layers) for s in
-                    (f"resid.{l}", f"attn.{l}.z", f"attn.{l}.pattern", f"mlp.{l}.hidden", f"mlp.{l}.out")]
+                    (f"resid.{l}", f"attn.{l}.z", f"attn.{l}.pattern",
+                     f"mlp.{l}.router" if l in moe else f"mlp.{l}.hidden", f"mlp.{l}.out")]
+        elif _EXPERT_RE.match(p.replace("*", "0")):
+            _, lay, _, exp, kind = p.split(".")
+            if exp == "*" and not n_experts:
+                raise ExciseError(f"expanding '{p}' needs a mixture-of-experts model (n_experts)")
+            layers = sorted(moe) if lay == "*" else [int(lay)]
+            experts = range(n_experts or 0) if exp == "*" else [int(exp)]
+            out += [f"mlp.{l}.expert.{e}.{kind}" for l in layers for e in experts]
         elif "*" in p:
             if is_vision_site(p) and n_vision_layers is None:
                 raise ExciseError(f"expanding '{p}' needs the vision tower's number of layers (n_vision_layers)")
@@ -87,7 +116,7 @@ def expand_sites(patterns: str | Iterable[str], n_layers: int, n_vision_layers: 
         else:
             out.append(p)
     for s in out:
-        parse_site(s, n_layers, n_vision_layers)
+        parse_site(s, n_layers, n_vision_layers, n_experts)
     return list(dict.fromkeys(out))
 
 
@@ -204,3 +233,39 @@ def _pool_vision(x: torch.Tensor, pool: str, lengths: list[int] | None) -> torch
             raise ExciseError(f"flat vision capture has {x.shape[0]} rows, the images' grid says {sum(lengths)}")
         return torch.stack([_pool(part.unsqueeze(0), None, pool)[0] for part in x.split(lengths)])
     return _pool(x, None, pool)
+
+
+# --- mixture of experts: what one expert computes, from the fused experts module's weights ----------
+def expert_activations(experts: Any, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                       e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [N, d_expert], out [N, d]) of expert ``e`` on the flat tokens ``x`` [N, d], zero where unrouted.
+
+    ``hidden`` is the input of the expert's down-projection (act(gate) * up); ``out`` is what the
+    block adds for it (down-projection times the routing weight), so the experts' ``out`` sum to
+    the routed part of ``mlp.L.out``. transformers 5 keeps experts as fused [E, ...] tensors with
+    no per-expert module, so this recomputes the eager path from the same weights.
+    """
+    if getattr(experts, "has_post_expert_norm", False) or not hasattr(experts, "down_proj") \
+            or not hasattr(experts, "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"):
+        raise ExciseError(f"{type(experts).__name__}: per-expert sites need fused gate_up_proj/down_proj weights "
+                          "without a post-expert norm; use mlp.L.router and mlp.L.out")
+    routed = index == e  # [N, k]
+    w = (weights * routed).sum(-1, keepdim=True)  # [N, 1]: the routing weight, 0 where unrouted
+    keep = routed.any(-1, keepdim=True).to(x.dtype)
+    has_gate = getattr(experts, "has_gate", True)
+    W = (experts.gate_up_proj if has_gate else experts.up_proj)[e]
+    t = getattr(experts, "is_transposed", False)
+    bias = getattr(experts, ("gate_up_proj" if has_gate else "up_proj") + "_bias", None)
+    gu = x @ W if t else torch.nn.functional.linear(x, W)
+    gu = gu + bias[e] if getattr(experts, "has_bias", False) and bias is not None else gu
+    hidden = (experts._apply_gate(gu) if has_gate else experts.act_fn(gu)) * keep
+    D = experts.down_proj[e]
+    out = hidden @ D if t else torch.nn.functional.linear(hidden, D)
+    dbias = getattr(experts, "down_proj_bias", None)
+    out = out + dbias[e] if getattr(experts, "has_bias", False) and dbias is not None else out
+    return hidden, out * w.to(out.dtype)
+
+
+def scale_expert(index: torch.Tensor, weights: torch.Tensor, e: int, factor: float) -> torch.Tensor:
+    """Routing weights with expert ``e``'s scaled: scales exactly its contribution (``mlp.L.expert.E.out``)."""
+    return torch.where(index == e, weights * factor, weights)

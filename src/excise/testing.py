@@ -202,6 +202,20 @@ MORE_DECODERS += ("falcon", "gptj", "bloom")
 MORE_ENCODERS: tuple[str, ...] = ("distilbert",)
 
 
+# mixture-of-experts decoders (tests/test_anatomy_moe.py): 4 experts, top-2, expert width 32.
+# qwen2_moe keeps layer 1 dense (mlp_only_layers) so a mixed model is covered; it has a shared expert.
+_MOE_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                 max_position_embeddings=128, num_experts_per_tok=2)
+TINY["mixtral"] = dict(_MOE_BASE, num_local_experts=4, intermediate_size=32)
+TINY["qwen2_moe"] = dict(_MOE_BASE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                         intermediate_size=96, mlp_only_layers=[1])
+TINY["qwen3_moe"] = dict(_MOE_BASE, num_experts=4, moe_intermediate_size=32, intermediate_size=96, head_dim=24)
+TINY["olmoe"] = dict(_MOE_BASE, num_experts=4, intermediate_size=32)
+TINY["granitemoe"] = dict(_MOE_BASE, num_local_experts=4, intermediate_size=32, embedding_multiplier=2.0,
+                          residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0)
+MOE_DECODERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+
+
 # --- tiny vision-language models (tests/test_vlm_anatomy.py) ----------------------------------
 # 32x32 px images, 8 px patches: 16 patches per image. Each family's processor (not excise) expands
 # the image placeholder into image tokens, so the conventions are the family's own.

@@ -10,13 +10,27 @@ site                what                                                    shap
                     output projection, split by head
 ``attn.{l}.pattern`` attention probabilities (needs eager attention)        [B, H, T, T]
 ``mlp.{l}.hidden``  input of the MLP down-projection (after activation)     [B, T, d_mlp]
-``mlp.{l}.out``     output of the MLP down-projection                       [B, T, d_model]
+``mlp.{l}.out``     output of the MLP down-projection; of a mixture of      [B, T, d_model]
+                    experts: the whole block (shared experts included)
+``mlp.{l}.router``  router logits of a mixture-of-experts layer             [B, T, n_experts]
+``mlp.{l}.expert.{e}.hidden``  input of expert e's down-projection;          [B, T, d_expert]
+                    zero at tokens not routed to e
+``mlp.{l}.expert.{e}.out``     what expert e adds to the block: its          [B, T, d_model]
+                    down-projection times the routing weight; zero where
+                    unrouted (the experts' outs sum to the routed block)
 ``vision.{l}``      output of vision-tower block ``l`` (VLMs)                [B, P, d_vision]
 ``projector.out``   projector / connector output, as it enters the LM        [B, P', d_model]
 ==================  =====================================================  ==================
 
 ``P`` counts patches, CLS included where the family has one (LLaVA, CLIP); ``P'`` counts image
-tokens. Qwen2-VL runs its tower on all images' patches concatenated: ``vision.{l}`` is
+tokens. Expert sites keep the [B, T, ...] layout of every other site (zeros where a token was
+not routed) rather than a ragged [n_routed, d]: pooling, ``positions``, patching and accumulation
+then work unchanged, and ``mean`` gives the expert's average contribution per token (``mlp.L.router``
+says which tokens were routed). transformers 5 fuses experts into [E, ...] tensors without a
+module per expert, so expert captures are recomputed from those weights by a hook on the experts
+module (:func:`excise.sites.expert_activations`; the test checks they sum to the block), and an
+expert edit rescales its routing weights: ``scale`` and ``zero`` only, at ``mlp.L.expert.E.out``.
+Qwen2-VL runs its tower on all images' patches concatenated: ``vision.{l}`` is
 [N_patches, d_vision] and ``projector.out`` [N_tokens, d_model] there. CLIP's projector is the
 image embedding, [B, projection_dim]. Idefics3 / SmolVLM have one row per image (tile).
 
@@ -45,6 +59,7 @@ import torch
 from excise.errors import ExciseError
 from excise.models.anatomy import Anatomy, VisionAnatomy
 from excise.sites import (  # noqa: F401  (re-exported: the Trace's public vocabulary)
+    MOE_KINDS,
     POOLS,
     SITE_KINDS,
     VISION_KINDS,
@@ -55,8 +70,10 @@ from excise.sites import (  # noqa: F401  (re-exported: the Trace's public vocab
     _pool,
     _pool_vision,
     expand_sites,
+    expert_activations,
     is_vision_site,
     parse_site,
+    scale_expert,
 )
 
 def _ask_for_weights(module, args, kwargs):
@@ -127,13 +144,23 @@ class Trace:
         self.anatomy = handle.anatomy if is_handle else None
         if self.anatomy is None and (grad_from_embeddings or not (names and all(is_vision_site(p) for p in names))):
             self.anatomy = Anatomy.of(self.model)
-        n = self.anatomy.n_layers if self.anatomy is not None else 0
+        an = self.anatomy
+        n = an.n_layers if an is not None else 0
         nv = self.vision.n_layers if self.vision is not None else None
-        self.capture_sites = [parse_site(s, n, nv) for s in expand_sites(capture, n, nv)] if capture else []
+        moe = dict(moe_layers=an.moe_layers, n_experts=an.n_experts) if an is not None else {}
+        ne = moe.get("n_experts")
+        self.capture_sites = [parse_site(s, n, nv, ne) for s in expand_sites(capture, n, nv, **moe)] if capture else []
         # an edit at ``attn.*.z`` applies at every layer; the caller's Edit objects are not mutated
-        self.edits = [dataclasses.replace(e, site=s) for e in edits for s in expand_sites([e.site], n, nv)]
+        self.edits = [dataclasses.replace(e, site=s) for e in edits for s in expand_sites([e.site], n, nv, **moe)]
+        for site in self.capture_sites + [parse_site(e.site) for e in self.edits]:
+            if site.kind in MOE_KINDS:
+                an.router(site.layer)  # raises on a dense layer
+            elif site.kind == "mlp.hidden" and site.layer in an.moe_layers:
+                an.mlp_down(site.layer)  # raises: an expert layer has no single down-projection
         for e in self.edits:  # fail before the forward pass, not inside a hook
             site = parse_site(e.site)
+            if site.kind in MOE_KINDS:
+                _check_moe_edit(e, site)
             if site.kind == "attn.pattern":
                 raise ExciseError("attn.L.pattern is read-only: edit attn.L.z to change what a head writes")
             if e.heads is not None:
@@ -153,6 +180,7 @@ class Trace:
         self._handles: list[Any] = []
         self._mask: torch.Tensor | None = None
         self._grid: torch.Tensor | None = None  # grid_thw of the latest vision-tower call (flat layouts)
+        self._moe_bt: dict[int, tuple] = {}  # [B, T] of each sparse block's latest call
         if any(s.kind == "attn.pattern" for s in self.capture_sites):
             impl = getattr(self.model.config, "_attn_implementation", None)
             if impl not in (None, "eager"):
@@ -207,10 +235,27 @@ class Trace:
         if self.vision is not None and self.vision.spec.flat and any(s.kind in VISION_KINDS
                                                                      for s in self.capture_sites):
             self._handles.append(self.vision.tower().register_forward_pre_hook(self._grab_grid, with_kwargs=True))
+        moe_layers = sorted({layer for (kind, layer) in by_target if kind in MOE_KINDS})
+        for layer in moe_layers:  # the block's [B, T] shape, to unflatten router and expert tokens
+            self._handles.append(an.mlp(layer).register_forward_pre_hook(
+                lambda m, args, kwargs, l=layer: self._moe_bt.__setitem__(
+                    l, (args[0] if args else next(iter(kwargs.values()))).shape[:-1]), with_kwargs=True))
+            caps = by_target.get(("mlp.expert.hidden", layer), {"cap": []})["cap"] + \
+                by_target.get(("mlp.expert.out", layer), {"cap": []})["cap"]
+            edits = by_target.get(("mlp.expert.out", layer), {"edit": []})["edit"]
+            if caps or edits:
+                self._handles.append(an.experts(layer).register_forward_pre_hook(
+                    self._make_expert_hook(layer, caps, edits), with_kwargs=True))
+            if by_target.get(("mlp.router", layer), {"cap": []})["cap"]:
+                self._handles.append(_post_hook(an.router(layer), self._make_router_hook(layer)))
         for (kind, layer), todo in by_target.items():
             site = Site(kind, layer)
             caps, edits = todo["cap"], todo["edit"]
-            if kind in ("attn.z", "mlp.hidden"):
+            if kind in MOE_KINDS:
+                continue  # registered above
+            if kind == "mlp.out" and layer in an.moe_layers:  # the whole sparse block
+                self._handles.append(_post_hook(an.mlp(layer), self._make_post_hook(site, caps, edits)))
+            elif kind in ("attn.z", "mlp.hidden"):
                 module = an.attn_out(layer) if kind == "attn.z" else an.mlp_down(layer)
                 heads = an.n_heads if kind == "attn.z" else None
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(site, caps, edits, heads)))
@@ -229,6 +274,32 @@ class Trace:
             elif kind in VISION_KINDS:
                 module = self.vision.layer(layer) if kind == "vision" else self.vision.projector()
                 self._handles.append(_post_hook(module, self._make_post_hook(site, caps, edits)))
+
+    def _make_router_hook(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            logits = output[0] if isinstance(output, tuple) else output
+            self._store(Site("mlp.router", layer), logits.view(*self._moe_bt[layer], logits.shape[-1]))
+
+        return hook
+
+    def _make_expert_hook(self, layer: int, caps: list[Site], edits: list[Edit]) -> Callable:
+        """Pre-hook on the fused experts module: rescale routing weights (edits), recompute experts (captures)."""
+        def hook(module, args, kwargs):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            x, index, weights = bound.args[:3]  # experts(hidden_states, top_k_index, top_k_weights)
+            for e in edits:
+                weights = scale_expert(index, weights, parse_site(e.site).expert,
+                                       0.0 if e.op == "zero" else float(e.value))
+            bt = self._moe_bt[layer]
+            for s in caps:
+                hidden, out = expert_activations(module, x, index, weights, s.expert)
+                y = hidden if s.kind == "mlp.expert.hidden" else out
+                self._store(s, y.view(*bt, y.shape[-1]))
+            if not edits:
+                return None
+            return (x, index, weights), {}
+
+        return hook
 
     def _grab_mask(self, module, args, kwargs):
         if self.keep_passes and module is self.model:
@@ -313,6 +384,17 @@ class Trace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _check_moe_edit(e: Edit, site: Site) -> None:
+    """Expert edits rescale routing weights: only scale / zero of an expert's output, everywhere."""
+    if site.kind != "mlp.expert.out" or e.op not in ("scale", "zero"):
+        raise ExciseError(f"edit '{e.op}' at {site.name}: mixture-of-experts sites are read-only except "
+                          "mlp.L.expert.E.out, which takes 'scale' or 'zero' (a routing-weight rescale)")
+    if e.heads is not None or e.positions is not None:
+        raise ExciseError(f"edit at {site.name}: 'heads' and 'positions' do not apply to expert sites")
+    if e.op == "scale" and torch.as_tensor(e.value).numel() != 1:
+        raise ExciseError(f"edit 'scale' at {site.name}: the value must be one number (an expert's scale)")
 
 
 def run_with_cache(handle: Any, texts_or_batch: Any, capture: str | Iterable[str], *, pool: Pool = "all",

@@ -6,6 +6,7 @@ selection and any intervention:
 * ``head``    -> tensor [n_layers, n_heads]          (attention heads)
 * ``neuron``  -> tensor [n_layers, d_mlp]            (MLP hidden units, input of down-proj)
 * ``feature`` -> tensor [n_layers, n_features]       (dictionary features, e.g. SAE / SNMF)
+* ``expert``  -> tensor [n_layers, n_experts]        (mixture-of-experts experts; dense layers NaN)
 * ``param``   -> dict {parameter name: tensor}       (parameter slices)
 """
 
@@ -21,7 +22,7 @@ from safetensors.torch import save
 from excise.errors import ExciseError
 from excise.io import atomic_write_bytes
 
-UNIT_KINDS = ("head", "neuron", "feature", "param")
+UNIT_KINDS = ("head", "neuron", "feature", "param", "expert")
 
 
 @dataclass
@@ -90,12 +91,28 @@ def _unit_weight(anatomy: Any, kind: str, layer: int) -> tuple[str, torch.Tensor
     return anatomy.module_name(mod) + ".weight", mod.weight, transposed
 
 
+def _expert_params(anatomy: Any, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of layer's fused expert weights: an expert is the slice [e] of each ([E, ...])."""
+    experts = anatomy.experts(layer)
+    prefix = anatomy.module_name(experts)
+    return [(f"{prefix}.{n}", p) for n, p in experts.named_parameters(recurse=False)
+            if p.dim() and p.shape[0] == anatomy.n_experts]
+
+
 def aggregate_param_scores(scores: Scores, anatomy: Any, kind: str) -> Scores:
-    """Sum parameter scores over each head's (or neuron's) input columns -> [n_layers, n_units]."""
+    """Sum parameter scores over each head's (or neuron's) input columns, or each expert's slices -> [n_layers, n_units]."""
     if kind == "param":
         return scores
     if not isinstance(scores.values, dict):
         raise ExciseError(f"aggregate_param_scores needs parameter scores, got '{scores.kind}' scores")
+    if kind == "expert":
+        out = torch.full((anatomy.n_layers, anatomy.n_experts), float("nan"))
+        for l in anatomy.moe_layers:
+            parts = [scores.values[n].float().flatten(1).sum(1) for n, _ in _expert_params(anatomy, l)
+                     if n in scores.values]
+            if parts:
+                out[l] = torch.stack(parts).sum(0)
+        return Scores(kind, out, method=f"{scores.method}->{kind}", meta=dict(scores.meta))
     width = anatomy.n_heads if kind == "head" else anatomy.d_mlp
     out = torch.full((anatomy.n_layers, width), float("nan"))
     for l in range(anatomy.n_layers):
@@ -109,8 +126,14 @@ def aggregate_param_scores(scores: Scores, anatomy: Any, kind: str) -> Scores:
 
 
 def unit_param_masks(anatomy: Any, kind: str, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spread a head or neuron mask [n_layers, n_units] onto 0/1 masks of the projection weights."""
+    """Spread a head, neuron or expert mask [n_layers, n_units] onto 0/1 masks of the weights they own."""
     mask = torch.as_tensor(mask).bool()
+    if kind == "expert":
+        if tuple(mask.shape) != (anatomy.n_layers, anatomy.n_experts) or not anatomy.n_experts:
+            raise ExciseError(f"expert mask of shape {tuple(mask.shape)} does not fit the model "
+                              f"({anatomy.n_layers}, {anatomy.n_experts})")
+        return {n: mask[l].to(torch.float32).view(-1, *([1] * (p.dim() - 1))).expand(p.shape).clone()
+                for l in anatomy.moe_layers for n, p in _expert_params(anatomy, l)}
     width = anatomy.n_heads if kind == "head" else anatomy.d_mlp
     if tuple(mask.shape) != (anatomy.n_layers, width):
         raise ExciseError(f"{kind} mask of shape {tuple(mask.shape)} does not fit the model ({anatomy.n_layers}, {width})")

@@ -13,41 +13,27 @@ from typing import Optional
 
 import typer
 
-from excise.commands import SET
+from excise.commands import FORCE, QUICK, SET, config_option, console, recipe_config
 
 app = typer.Typer(help="Caption gender bias in vision-language models: activations, SAEs, gender-swap LoRA.",
                   no_args_is_help=True)
 OUT = typer.Option(Path("runs/caption_bias"), help="run directory")
-CONFIG = typer.Option(None, help="a caption_bias recipe YAML (default: the packaged one)")
-FORCE = typer.Option(False, "--force", help="overwrite a run directory holding another config")
-QUICK = typer.Option(False, "--quick", help="small smoke run")
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
+CONFIG = config_option("caption_bias.yaml")
 
 
 def _run(config: Optional[Path], out: Path, force: bool, quick: bool, overrides: list[str], stop_after: str | None):
-    from excise.config import apply_overrides, load_yaml, validate
     from excise.recipes.caption_bias import run_captions
     from excise.recipes.caption_config import CaptionBiasConfig, quick_variant
-    from excise.recipes.loader import find_recipe
 
-    path = find_recipe(config or "caption_bias.yaml")
-    data = load_yaml(path) or {}
-    data.pop("workflow", None)
-    data.pop("out", None)
-    cfg = validate(CaptionBiasConfig, apply_overrides(data, overrides), str(path))
-    return run_captions(quick_variant(cfg) if quick else cfg, out, force=force, console=_console(), stop_after=stop_after)
+    cfg = recipe_config(config, "caption_bias.yaml", CaptionBiasConfig, overrides)
+    return run_captions(quick_variant(cfg) if quick else cfg, out, force=force, console=console(), stop_after=stop_after)
 
 
 def _stage(stop: str | None, doc: str):
     def cmd(config: Optional[Path] = CONFIG, out: Path = OUT, force: bool = FORCE, quick: bool = QUICK,
             set_: list[str] = SET) -> None:
         res = _run(config, out, force, quick, set_, stop)
-        _console().print(f"{stop or 'run'} done: {Path(res['dir']) / (stop or 'report')}")
+        console().print(f"{stop or 'run'} done: {Path(res['dir']) / (stop or 'report')}")
 
     cmd.__doc__ = doc
     return cmd

@@ -11,33 +11,19 @@ from typing import Optional
 
 import typer
 
-from excise.commands import SET
+from excise.commands import FORCE, QUICK, SET, config_option, console, recipe_config
 
 app = typer.Typer(help="Fair encoders: fairness-aware LoRA with reports and a PEFT adapter.", no_args_is_help=True)
 OUT = typer.Option(Path("runs/fair_encoder"), help="run directory")
-CONFIG = typer.Option(None, help="a fair_encoder recipe YAML (default: the packaged one)")
-FORCE = typer.Option(False, "--force", help="overwrite a run directory holding another config")
-QUICK = typer.Option(False, "--quick", help="small smoke run")
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
+CONFIG = config_option("fair_encoder.yaml")
 
 
 def _run(config: Optional[Path], out: Path, force: bool, quick: bool, overrides: list[str], stop_after: str | None):
-    from excise.config import apply_overrides, load_yaml, validate
     from excise.recipes.fair_config import FairEncoderConfig, quick_variant
     from excise.recipes.fair_encoder import run_fair
-    from excise.recipes.loader import find_recipe
 
-    path = find_recipe(config or "fair_encoder.yaml")
-    data = load_yaml(path) or {}
-    data.pop("workflow", None)
-    data.pop("out", None)
-    cfg = validate(FairEncoderConfig, apply_overrides(data, overrides), str(path))
-    return run_fair(quick_variant(cfg) if quick else cfg, out, force=force, console=_console(), stop_after=stop_after)
+    cfg = recipe_config(config, "fair_encoder.yaml", FairEncoderConfig, overrides)
+    return run_fair(quick_variant(cfg) if quick else cfg, out, force=force, console=console(), stop_after=stop_after)
 
 
 @app.command()
@@ -45,7 +31,7 @@ def train(config: Optional[Path] = CONFIG, out: Path = OUT, force: bool = FORCE,
           set_: list[str] = SET) -> None:
     """Split the data, score the frozen baselines, train plain and fair LoRA (checkpoints, histories)."""
     res = _run(config, out, force, quick, set_, "fair")
-    _console().print(f"trained: {res['dir']}; adapter: {res['fair']['export']}")
+    console().print(f"trained: {res['dir']}; adapter: {res['fair']['export']}")
 
 
 @app.command()
@@ -53,7 +39,7 @@ def compare(config: Optional[Path] = CONFIG, out: Path = OUT, force: bool = FORC
             set_: list[str] = SET) -> None:
     """Everything `train` does, then the side-by-side report (resumes a finished `train`)."""
     res = _run(config, out, force, quick, set_, None)
-    _console().print(f"report: {Path(res['dir']) / 'report' / 'report.md'}")
+    console().print(f"report: {Path(res['dir']) / 'report' / 'report.md'}")
 
 
 app.command("run")(compare)
@@ -90,7 +76,7 @@ def eval_(adapter: Path = typer.Argument(..., help="an exported fair-encoder dir
                           [str(e.groups[attr]) for e in data.test], label_names=list(data.label_names),
                           n_boot=n_boot, seed=seed, group_by=attr)
     rep.save(out or adapter / "eval", "test")
-    _console().print(rep.text(f"{adapter}: BUG test split (argmax, no threshold)"), markup=False, highlight=False)
+    console().print(rep.text(f"{adapter}: BUG test split (argmax, no threshold)"), markup=False, highlight=False)
 
 
 @app.command()
@@ -110,4 +96,4 @@ def export(run: Path = typer.Option(..., "--run", help="a finished run directory
     with atomic_dir(to) as tmp:
         for p in src.iterdir():
             shutil.copy2(p, tmp / p.name)
-    _console().print(f"adapter: {to}  (PeftModel.from_pretrained(AutoModel.from_pretrained(base), '{to}'))")
+    console().print(f"adapter: {to}  (PeftModel.from_pretrained(AutoModel.from_pretrained(base), '{to}'))")

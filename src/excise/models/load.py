@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 from excise.errors import ExciseError
 from excise.io import atomic_dir
-from excise.models.anatomy import Anatomy, VisionAnatomy, _text_config, spec_for_model_type
+from excise.models.anatomy import Anatomy, VisionAnatomy, _text_config, check_family
 from excise.models.defaults import DEFAULTS, SMOLLM2_GGUF, package_dir, prepared_dir
 from excise.models.processors import image_only_processor, vlm_processor
 
@@ -262,8 +262,9 @@ def load(
         raise ExciseError(f"cannot load '{name_or_path}' as a vlm: its config has no vision_config (not a "
                           "vision-language model); use kind='causal-lm' or 'encoder'")
     if kind != "vlm":
-        # unsupported family: fail before reading any weights
-        spec_for_model_type(getattr(_text_config(config), "model_type", None) or "unknown")
+        # a family with no spec that inference cannot handle (no head count...): fail before reading weights
+        text = _text_config(config)
+        check_family(getattr(text, "model_type", None) or "unknown", text)
     kwargs: dict[str, Any] = dict(common, dtype=torch_dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -327,7 +328,7 @@ def _precheck(name: str, source: str, local: bool, kind: str, common: dict) -> N
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
         model_type = text.get("model_type") or raw.get("model_type")
         if model_type:
-            spec_for_model_type(model_type)
+            check_family(model_type, text)
         return
     if common.get("local_files_only"):
         from huggingface_hub import try_to_load_from_cache

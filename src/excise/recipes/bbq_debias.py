@@ -43,6 +43,7 @@ from excise.models import load
 from excise.organisms.planted import PlantedConfig, build_planted, planted_heads
 from excise.recipes.bbq_eval import predict, save_predictions
 from excise.recipes.bbq_report import summarize, summary_text, unlearning_rows
+from excise.report.html import end_of_run
 from excise.report.plots import heatmap
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
@@ -314,6 +315,7 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
         summary = res.metrics or {}
         summary["seconds"] = round(time.time() - t_start, 1)
         summary["stage_seconds"] = timings
+    summary["report_html"] = end_of_run(run.dir, console)
     return summary
 
 

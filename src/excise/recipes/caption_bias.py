@@ -56,6 +56,7 @@ from excise.models import load
 from excise.organisms.caption_vlm import build_caption_organism
 from excise.recipes.caption_config import CaptionBiasConfig, quick_variant
 from excise.recipes.caption_report import write_report
+from excise.report.html import end_of_run
 from excise.run import Run, seed_everything
 from excise.tasks.caption_prompts import caption_prompt, image_size
 from excise.tasks.caption_lexicon import infer_gender
@@ -345,6 +346,7 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
             break
     if "report" in res:
         say((run.stage_dir("report") / "report.md").read_text(encoding="utf-8"))
+    res["report_html"] = end_of_run(run.dir, console)
     return res
 
 

@@ -40,6 +40,7 @@ from excise.measure.unlearning import evaluate, generate
 from excise.models import load
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
 from excise.recipes.concept_report import write_before_after, write_comparison
+from excise.report.html import end_of_run
 from excise.report.plots import heatmap
 from excise.run import Run, seed_everything
 from excise.select import Mask, select
@@ -295,6 +296,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     atomic_write_json(run.dir / "timings.json", timings)
     result["seconds"] = timings
     say(f"done in {timings['total']} s: {run.dir}")
+    result["report_html"] = end_of_run(run.dir, console)
     return result
 
 

@@ -18,6 +18,7 @@ from excise.io import atomic_write_json, atomic_write_text
 from excise.locate.heads import HeadAttributionConfig
 from excise.organisms.planted import PlantedConfig
 from excise.recipes.bbq_debias import BBQDebiasConfig, run_bbq, summary_text
+from excise.report.html import write_report
 
 DEMO_CATEGORIES = ["Age", "Gender_identity", "SES", "Religion"]
 
@@ -56,7 +57,9 @@ def run_demo(out: Path, *, force: bool = False, console: Any = None) -> dict:
                  f"(target >= 0.8)\n")
     atomic_write_json(out / "summary.json", {"results": results, "seconds": total})
     atomic_write_text(out / "summary.txt", text)
+    html = write_report([out / "smollm2", out / "planted"], out / "report.html")  # both models side by side
     if console is not None:
         console.rule("before / after")
         console.print(text, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"report: {html}", markup=False, highlight=False)
     return results

@@ -43,6 +43,7 @@ from excise.models import load
 from excise.models.defaults import DEFAULTS
 from excise.recipes.fair_config import FairEncoderConfig, quick_variant
 from excise.recipes.fair_report import write_report
+from excise.report.html import end_of_run
 from excise.run import Run, seed_everything
 from excise.tasks.fairness import load_bug, load_grep_biasir, load_hf, load_table
 
@@ -236,6 +237,7 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
             break
     if "report" in out_:
         say((run.stage_dir("report") / "report.md").read_text(encoding="utf-8"))
+    out_["report_html"] = end_of_run(run.dir, console)
     return out_
 
 

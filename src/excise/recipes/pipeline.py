@@ -40,6 +40,7 @@ from excise.locate.saliency import random_mask_like
 from excise.measure.frame import GroupedResult, compare
 from excise.models import load
 from excise.recipes.sources import TASKS
+from excise.report.html import end_of_run
 from excise.run import Run, seed_everything
 from excise.select import Mask, SelectConfig, select
 from excise.units import Scores
@@ -201,7 +202,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, force: bool = False, c
 
             r = run.stage(folder, stage)
             say(_table(r.metrics))
-    return {"dir": str(run.dir), "results": {k: {n: v.as_dict() for n, v in r_.items()} for k, r_ in results.items()}}
+    return {"dir": str(run.dir), "results": {k: {n: v.as_dict() for n, v in r_.items()} for k, r_ in results.items()},
+            "report_html": end_of_run(run.dir, console)}
 
 
 def _table(metrics: dict) -> str:

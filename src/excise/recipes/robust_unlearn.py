@@ -44,6 +44,7 @@ from excise.measure.arithmetic import accuracy_by_op
 from excise.organisms.arithmetic import load_model, pretrain
 from excise.recipes.robust_config import RobustUnlearnConfig, quick_variant
 from excise.recipes.robust_report import build_report
+from excise.report.html import end_of_run
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
 from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, eval_items, is_eval_string, load_items, train_stream
@@ -246,7 +247,8 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
 
     rep = run.stage("report", stage_report)
     say(f"report: {run.stage_dir('report')}")
-    return {"dir": str(run.dir), "metrics": rep.metrics, "seconds": round(time.time() - t_start, 1)}
+    return {"dir": str(run.dir), "metrics": rep.metrics, "seconds": round(time.time() - t_start, 1),
+            "report_html": end_of_run(run.dir, console)}
 
 
 def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = False, source: str = "recipe",

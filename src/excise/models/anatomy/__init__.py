@@ -22,12 +22,14 @@ from excise.models.anatomy import (  # noqa: F401  (registration)
     gptj,
     llama,
     modernbert,
+    moe,
     phi,
     phi3,
     starcoder2,
     vlm_text,
 )
-from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, register
+from excise.models.anatomy.infer import check_family, infer_spec, prove
+from excise.models.anatomy.spec import _REGISTRY, AnatomySpec, _cfg, _get, _has, _text_config, register
 from excise.models.anatomy.vision import VisionAnatomy, VisionSpec, supported_vlm_types
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,26 +51,6 @@ def spec_for_model_type(model_type: str) -> AnatomySpec:
 
 
 
-def _get(root: Any, path: str) -> Any:
-    obj = root
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
-
-
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def _cfg(config: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = getattr(config, n, None)
-        if v is not None:
-            return v
-    return default
-
-
 @dataclass
 class Anatomy:
     """A spec bound to one model instance. Cheap to build; holds no tensors."""
@@ -83,11 +65,25 @@ class Anatomy:
     d_model: int = 0
     d_mlp: int = 0
 
+    n_experts: int = 0  # mixture of experts: experts per sparse layer (0: dense model)
+    top_k: int = 0  # experts each token is routed to
+    d_expert: int = 0  # width of one expert's hidden (input of its down-projection)
+    moe_layers: tuple[int, ...] = ()  # layers whose MLP is a sparse mixture of experts
+
     @classmethod
     def of(cls, model: "nn.Module") -> "Anatomy":
+        """Bind the family's spec; a model type without one gets an inferred spec, proven on the model."""
         config = _text_config(model.config)
         model_type = getattr(config, "model_type", None) or "unknown"
-        spec = spec_for_model_type(model_type)
+        if model_type in _REGISTRY:
+            return cls._bind(model, _REGISTRY[model_type], config)
+        spec = infer_spec(model, config)  # refuses with what was found and what is missing
+        anat = cls._bind(model, spec, config)
+        anat.spec = prove(anat)  # refuses with the check that failed; measures in-place adds
+        return anat
+
+    @classmethod
+    def _bind(cls, model: Any, spec: AnatomySpec, config: Any) -> "Anatomy":
         root = _find_root(model, spec)
         layers = _get(root, spec.layers)
         n_heads = int(_cfg(config, "num_attention_heads", "n_head"))
@@ -96,23 +92,30 @@ class Anatomy:
         head_dim = int(_cfg(config, "head_dim", default=d_model // n_heads))
         anat = cls(spec=spec, model=model, root=root, n_layers=len(layers), n_heads=n_heads,
                    n_kv_heads=n_kv, head_dim=head_dim, d_model=d_model)
+        if spec.moe_experts:
+            anat.moe_layers = tuple(l for l, layer in enumerate(layers) if _has(layer, spec.moe_experts))
         layer0 = layers[0] if len(layers) else None
-        for part in ("attn", "attn_out", "mlp", "mlp_down"):
+        parts = ("attn", "attn_out", "mlp") + (("moe_router", "moe_experts") if 0 in anat.moe_layers else ("mlp_down",))
+        for part in parts:
             path = getattr(spec, part)
-            try:
-                _get(layer0, path)
-            except (AttributeError, IndexError, TypeError):
+            if not _has(layer0, path):
                 raise ExciseError(
                     f"family '{spec.family}': {part} module '{path}' not found in layer 0 of {type(model).__name__}; "
                     "the model's layout differs from the anatomy excise knows"
-                ) from None
+                )
         in_features = anat.attn_out_in_features(0)
         if in_features != n_heads * head_dim:
             raise ExciseError(
                 f"family '{spec.family}': attention output projection takes {in_features} inputs, "
                 f"expected n_heads*head_dim = {n_heads}*{head_dim}; cannot split it by head"
             )
-        anat.d_mlp = anat.mlp_down_in_features(0)
+        if anat.moe_layers:
+            experts = anat.experts(anat.moe_layers[0])
+            anat.n_experts = int(experts.down_proj.shape[0])
+            anat.d_expert = int(experts.down_proj.shape[-1])
+            anat.top_k = int(_cfg(config, "num_experts_per_tok", "top_k", default=0))
+        dense = [l for l in range(anat.n_layers) if l not in anat.moe_layers]
+        anat.d_mlp = anat.mlp_down_in_features(dense[0]) if dense else anat.d_expert
         return anat
 
     # --- modules -------------------------------------------------------------------------
@@ -133,7 +136,28 @@ class Anatomy:
         return _get(self.layer(l), self.spec.mlp)
 
     def mlp_down(self, l: int) -> Any:
+        if l in self.moe_layers:
+            raise ExciseError(
+                f"layer {l}'s MLP is a mixture of {self.n_experts} experts with fused weights: it has no single "
+                "down-projection (mlp.L.hidden, neuron units); use mlp.L.expert.E.hidden, mlp.L.router or expert units"
+            )
         return _get(self.layer(l), self.spec.mlp_down)
+
+    def router(self, l: int) -> Any:
+        """The MoE router of layer ``l`` (returns (logits [N, E], top_k_weights, top_k_index))."""
+        self._check_moe(l)
+        return _get(self.layer(l), self.spec.moe_router)
+
+    def experts(self, l: int) -> Any:
+        """The fused experts module of layer ``l`` (``gate_up_proj`` [E, 2*d_expert, d], ``down_proj`` [E, d, d_expert])."""
+        self._check_moe(l)
+        return _get(self.layer(l), self.spec.moe_experts)
+
+    def _check_moe(self, l: int) -> None:
+        self._check_layer(l)
+        if l not in self.moe_layers:
+            where = f"sparse layers: {list(self.moe_layers)}" if self.moe_layers else "the model is dense"
+            raise ExciseError(f"layer {l} has no mixture of experts ({where}); router and expert sites need one")
 
     def embed(self) -> Any:
         return _get(self.root, self.spec.embed)
@@ -183,10 +207,14 @@ class Anatomy:
                 "layers": self.module_name(self.layers()),
                 "attn": self.module_name(self.attn(l0)).replace(".0.", ".{l}."),
                 "attn_out": self.module_name(self.attn_out(l0)).replace(".0.", ".{l}."),
-                "mlp_down": self.module_name(self.mlp_down(l0)).replace(".0.", ".{l}."),
+                "mlp_down": (self.module_name(self.mlp_down(l0)).replace(".0.", ".{l}.")
+                             if l0 not in self.moe_layers else None),
                 "embed": self.module_name(self.embed()),
             },
             "attn_out_transposed": self.spec.attn_out_transposed,
+            "moe": ({"n_experts": self.n_experts, "top_k": self.top_k, "d_expert": self.d_expert,
+                     "layers": list(self.moe_layers)} if self.moe_layers else None),
+            "inferred": self.spec.inferred,
         }
 
 
@@ -218,5 +246,6 @@ def anatomy_of(model: "nn.Module") -> Anatomy:
     return Anatomy.of(model)
 
 
-__all__ = ["Anatomy", "AnatomySpec", "VisionAnatomy", "VisionSpec", "anatomy_of", "register", "spec_for_model_type",
+__all__ = ["Anatomy", "AnatomySpec", "VisionAnatomy", "VisionSpec", "anatomy_of", "check_family", "register",
+           "spec_for_model_type",
            "supported_model_types", "supported_vlm_types"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class AnatomySpec:
     # the block adds into mlp_down's output in place (falcon's parallel blocks): Trace copies an
     # uncopied (pool="all", detached) mlp.L.out capture so it keeps the down-projection's output
     mlp_out_added_in_place: bool = False
+    # mixture of experts (paths relative to one layer): the router returning (logits, weights, index)
+    # and the fused experts module called as experts(x [N, d], top_k_index, top_k_weights). A layer
+    # without them (qwen2_moe's mlp_only_layers) is dense and uses ``mlp_down``.
+    moe_router: str | None = None
+    moe_experts: str | None = None
+    inferred: bool = False  # built by excise.models.anatomy.infer from the module tree, then proven
     notes: str = ""
 
 
@@ -38,3 +45,34 @@ def register(spec: AnatomySpec) -> AnatomySpec:
     for mt in spec.model_types:
         _REGISTRY[mt] = spec
     return spec
+
+
+def _get(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _has(root: Any, path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        _get(root, path)
+        return True
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` set on ``config`` (an object or a raw config.json dict)."""
+    for n in names:
+        v = config.get(n) if isinstance(config, dict) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
