@@ -106,15 +106,15 @@ def test_unknown_architecture_opt():
     m = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ExciseError) as ei:
         Anatomy.of(m)
-    msg = str(ei.value)
-    assert "'opt'" in msg and "missing" in msg and "attention output projection" in msg and "\n" not in msg
+    msg = str(ei.value)  # no spec: inference finds fc2, then its proof sees batch and time flattened
+    assert "'opt'" in msg and "'fc2'" in msg and "B*T" in msg and "\n" not in msg
 
 
 def test_unknown_architecture_t5_and_fake():
     from transformers import T5Config, T5Model
 
     m = T5Model(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=64))
-    with pytest.raises(ExciseError, match="'t5'"):
+    with pytest.raises(ExciseError, match="'t5'.*encoder-decoder"):
         Anatomy.of(m)
     with pytest.raises(ExciseError, match="unsupported architecture family 'no-such-family'"):
         spec_for_model_type("no-such-family")

@@ -34,6 +34,8 @@ def num(x: Any, scale: float = 1.0) -> str:
         return str(x)
     x = float(x) * scale
     a = abs(x)
+    if scale != 1.0 and a < 1e5:  # a rate shown x100: one decimal, as in the docs
+        return f"{x:.1f}"
     if a >= 1e5 or (0 < a < 1e-3):
         return f"{x:.2e}"
     return f"{x:,.0f}" if a >= 1000 else f"{x:.1f}" if a >= 10 else f"{x:.3f}"
@@ -63,8 +65,7 @@ def change(before: Any, after: Any, scale: float = 1.0) -> dict[str, Any]:
     b, a = val(before) if is_est(before) else before, val(after) if is_est(after) else after
     if b is None or a is None:
         return {"text": "n/a", "v": None}
-    d = (a - b) * scale
-    return {"text": ("+" if d > 0 else "") + num(d), "v": d}
+    return {"text": ("+" if a > b else "") + num(a - b, scale), "v": (a - b) * scale}
 
 
 def table(caption: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], *, foot: Iterable[Iterable[Any]] = (),

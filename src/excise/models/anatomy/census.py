@@ -1,0 +1,109 @@
+"""Census of the text families transformers knows: which excise supports by a spec, by inference, or refuses.
+
+Every model type of transformers' causal-LM and masked-LM auto mappings gets a tiny random model
+built from its default config, shrunk (:func:`tiny_default_config`); :meth:`Anatomy.of` then binds
+a spec, infers and proves one, or refuses with its one-line reason. Families whose default config
+does not survive generic shrinking are listed as not built (with the error), never as supported.
+``python -m excise.models.anatomy.census`` prints the markdown; ``tests/test_anatomy_matrix.py``
+(slow) regenerates it and fails if docs/core.md differs.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from excise.errors import ExciseError
+from excise.models.anatomy import Anatomy
+
+_SMALL = {  # config attribute -> tiny value, set only where the family's default config has it
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embedding_size", "word_embed_proj_dim"), 64),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 2),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads"), 4),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "d_ff", "hidden_dim", "ffn_hidden_size"), 128),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), 32),
+    **dict.fromkeys(("num_experts", "num_local_experts"), 4),
+    "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 256, "num_experts_per_tok": 2,
+    "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def text_families() -> list[str]:
+    """Model types with a causal-LM or masked-LM class in this transformers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_MASKED_LM_MAPPING_NAMES))
+
+
+def tiny_default_config(model_type: str) -> Any:
+    """The family's default config with its sizes shrunk (only attributes it already has)."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    kw = {k: v for k, v in _SMALL.items() if getattr(default, k, None) is not None
+          or k in ("pad_token_id", "bos_token_id", "eos_token_id") and hasattr(default, k)}
+    types = getattr(default, "layer_types", None)
+    if isinstance(types, list) and types:
+        kw["layer_types"] = (types * 2)[:2]
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def census_row(model_type: str) -> dict[str, str]:
+    """{family, status: spec | inferred | refused | not built, detail}."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        cfg = tiny_default_config(model_type)
+        torch.manual_seed(0)
+        cls = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+        model = cls.from_config(cfg, attn_implementation="eager").eval()
+    except Exception as e:  # noqa: BLE001  (any failure to build is reported, not raised)
+        return {"family": model_type, "status": "not built", "detail": _short(e)}
+    try:
+        an = Anatomy.of(model)
+    except ExciseError as e:
+        reason = str(e).split("inference ", 1)[-1] if "inference " in str(e) else str(e)
+        return {"family": model_type, "status": "refused", "detail": reason}
+    except Exception as e:  # noqa: BLE001
+        return {"family": model_type, "status": "refused", "detail": f"error while binding: {_short(e)}"}
+    status = "inferred" if an.spec.inferred else "spec"
+    return {"family": model_type, "status": status, "detail": an.spec.family if status == "spec" else
+            f"{an.spec.attn_out} / {an.spec.mlp_down}" + (" (in place)" if an.spec.mlp_out_added_in_place else "")}
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:140]
+
+
+def census_rows(families: list[str] | None = None) -> list[dict[str, str]]:
+    return [census_row(mt) for mt in (families or text_families())]
+
+
+def census_markdown(rows: list[dict[str, str]]) -> str:
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("spec", "inferred", "refused", "not built")}
+    head = (f"{len(rows)} text families (causal-LM or masked-LM class): " +
+            ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n\n| family | status | detail |\n|---|---|---|\n")
+    return head + "".join(f"| {r['family']} | {r['status']} | {r['detail'].replace('|', '/')} |\n" for r in rows)
+
+
+def replace_between_markers(text: str, name: str, body: str) -> str:
+    """``text`` with the part between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``body``."""
+    pat = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pat.search(text):
+        raise ExciseError(f"markers <!-- {name}:start --> / <!-- {name}:end --> not found")
+    return pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def between_markers(text: str, name: str) -> str:
+    m = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    if not m:
+        raise ExciseError(f"markers <!-- {name}:start --> / <!-- {name}:end --> not found")
+    return m.group(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(census_markdown(census_rows(sys.argv[1:] or None)))
