@@ -34,7 +34,9 @@ is skipped with its reason (the gender-swap LoRA trains on caption likelihood).
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,7 +46,7 @@ import torch
 from excise.config import validate
 from excise.errors import ExciseError
 from excise.intervene.caption_lora import gender_swap_lora
-from excise.io import atomic_write_json
+from excise.io import atomic_write_csv, atomic_write_json
 from excise.lm import generate_with_images
 from excise.locate.caption_patching import patching_map, splice_losses
 from excise.locate.clip_probe import zero_shot_gender, zero_shot_patching, zero_shot_splice
@@ -92,9 +94,6 @@ def scene_pools(cfg: CaptionBiasConfig) -> dict[str, list[Any]]:
 def folder_pools(cfg: CaptionBiasConfig) -> dict[str, list[CaptionRecord]]:
     """A user's caption folder, split into disjoint pools; a row without a gender label gets the
     gender its English reference names (lexicon), or counts as hidden-cue when it names none."""
-    import dataclasses
-    import random
-
     recs = load_caption_folder(cfg.data)
     out = []
     for r in recs:
@@ -119,18 +118,10 @@ def generate_captions(handle: Any, scenes: Sequence[Any], lang: str, cfg: Captio
                       edits: Sequence[Edit] = ()) -> list[str]:
     size = image_size(handle.processor)
     prompts = [caption_prompt(handle.processor, lang)] * len(scenes)
-    with Trace(handle, edits=list(edits)) if edits else _null():
+    with Trace(handle, edits=list(edits)) if edits else nullcontext():
         # one image list per prompt: every family's processor takes it, SmolVLM's only this
         return generate_with_images(handle, prompts, [[s.image(size)] for s in scenes],
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def evaluate(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfig, d: Path, name: str,
@@ -160,10 +151,7 @@ def evaluate(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfig, d: Path
     for lang in cfg.langs:
         out[lang].update({k: round(e.value, 2) for k, e in q.by_group[lang].items()})
         out[lang].update({f"{k}_visible": round(e.value, 2) for k, e in qv.by_group[lang].items()})
-    with open(d / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write_csv(d / "captions.csv", rows)
     return out
 
 
@@ -180,7 +168,7 @@ def evaluate_zero_shot(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfi
     size = image_size(handle.processor)
     images = [s.image(size) for s in scenes]
     rows, out = [], {}
-    with Trace(handle, edits=list(edits)) if edits else _null():
+    with Trace(handle, edits=list(edits)) if edits else nullcontext():
         for lang in cfg.langs:
             pred, p = zero_shot_gender(handle, images, lang, batch_size=cfg.batch_size)
             res = gender_result(pred, caption_items(scenes, lang), n_boot=cfg.n_boot, seed=cfg.seed,
@@ -194,10 +182,7 @@ def evaluate_zero_shot(handle: Any, scenes: Sequence[Any], cfg: CaptionBiasConfi
                               "mean_p_female_male": round(float(np.mean(male)), 4) if male else float("nan")})
             rows += [{**_row(s, lang), "caption": f"{g} (p_female={v:.2f})", "predicted": g, "p_female": float(v)}
                      for s, g, v in zip(scenes, pred, p)]
-    with open(d / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write_csv(d / "captions.csv", rows)
     return out
 
 
