@@ -234,3 +234,24 @@ def test_finetune_resumes_a_lora_run(tmp_path):
     assert res.losses == ref.losses
     a, b = ref.model.state_dict(), res.model.state_dict()
     assert any("lora_B" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    """Recomputing activations in the backward pass changes memory, not the arithmetic."""
+    import copy
+
+    base = tiny_model("llama")
+    ids = torch.randint(0, base.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, batch):
+        return m(input_ids=ids, labels=ids).loss
+
+    runs = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(base)
+        m.train()
+        train(m, lambda step: {"x": torch.zeros(4)}, loss_fn, TrainConfig(steps=2, lr=1e-2, gradient_checkpointing=ckpt))
+        runs.append(m)
+    for (n, a), (_, b) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert not runs[1].is_gradient_checkpointing

@@ -6,6 +6,7 @@ Bad input raises ExciseError, printed as one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -105,11 +106,46 @@ def run_recipe(
     quick: bool = typer.Option(False, "--quick", help="the recipe's quick variant, where it has one"),
     set_: list[str] = typer.Option([], "--set", help="dotted override, e.g. --set finetune.lora.r=16 "
                                    "or --set stages.2.select.k=5 (repeatable; values are YAML)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="every stage on a tiny random model of the recipe's "
+                                 "model family, on CPU, quick variant (seconds; proves the recipe runs)"),
 ) -> None:
     """Run a YAML recipe: `workflow:` picks the workflow, the other keys are its typed config."""
     from excise.recipes.loader import run_recipe_file
 
-    run_recipe_file(recipe, out=out, force=force, quick=quick, console=_console(), overrides=set_)
+    transform = None
+    if dry_run:
+        from excise.recipes.dry_run import dry_run_settings as transform
+    run_recipe_file(recipe, out=out, force=force, quick=quick or dry_run, console=_console(), overrides=set_,
+                    transform=transform)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="recipe YAML (a path, or the name of a packaged recipe)"),
+    gpu: Optional[str] = typer.Option(None, help="h100, h200, a100, a10g, l4 or rtx4090 (default: the recipe's plan)"),
+    n_gpus: Optional[int] = typer.Option(None, "--n-gpus", min=1, help="GPUs (default: the recipe's plan)"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="shard weights, gradients, optimizer state"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=1, help="GiB per GPU (default: the GPU's, "
+                                                                               "or the real one when CUDA is present)"),
+    set_: list[str] = typer.Option([], "--set", help="dotted override of a recipe setting (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print the estimate as JSON"),
+) -> None:
+    """Estimate a recipe's GPU memory and time from the model's config alone (no weights); exit 2 if it does not fit."""
+    import json
+
+    from excise.recipes.plan import format_plan, plan_file
+
+    p = plan_file(recipe, set_, gpu=gpu, n_gpus=n_gpus, fsdp=fsdp, gradient_checkpointing=gradient_checkpointing,
+                  gpu_memory_gib=gpu_memory)
+    print(json.dumps(p, indent=2) if as_json else format_plan(p))
+    if p.get("accelerate") and not as_json:
+        print(f"launch: accelerate launch --config_file <excise>/recipes/{p['accelerate']} -m excise.cli run {recipe}")
+    if not p["fits"]:
+        worst = max(p["stages"], key=lambda r: r["total_gib"])
+        raise ExciseError(f"{recipe}: stage '{worst['stage']}' needs {worst['total_gib']} GiB per GPU, the GPU has "
+                          f"{p['gpu_memory_gib']:.0f} GiB (options: gradient checkpointing, FSDP over more GPUs, "
+                          "a smaller batch, a 16-bit dtype)")
 
 
 @app.command()
@@ -131,14 +167,73 @@ def _validated(model_cls, data: dict, source: str = "command line"):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Exit codes: 0 done, 2 bad input (one line on stderr), 1 internal error (a traceback), 130
+    interrupted. ``--debug`` anywhere (or EXCISE_DEBUG=1) shows the full traceback of any error."""
+    import os
+    import warnings
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("EXCISE_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if not debug:  # library notices that are not the user's business
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            for module in ("transformers", "torch", "peft", "accelerate", "huggingface_hub", "datasets", "click",
+                           "sklearn", "fairlearn", "pydantic"):
+                warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
+        warnings.filterwarnings("ignore", message=r".*requires? torchvision.*")
+
+    def fail(message: str, code: int) -> None:
+        print(" ".join(f"error: {message}".split()), file=sys.stderr)  # one line, whatever the message holds
+        sys.exit(code)
+
     try:
-        app(args=argv, standalone_mode=True)
+        rv = app(args=args, prog_name="excise", standalone_mode=False)
     except ExciseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if debug:
+            raise
+        fail(str(e), 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `excise models | head -1`: the reader left; nothing more to say
+        sys.stderr.close()
+        sys.exit(1)
+    except OSError as e:  # the environment, not excise: disk full, permission denied, read-only file system
+        if debug or e.errno not in _ENV_ERRNOS:
+            raise
+        fail(f"{e.strerror}: {e.filename}" if e.filename else str(e), 2)
+    except Exception as e:
+        # click's exceptions, matched by name: typer ships its own copy of click
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:  # `excise bbq`: the group's help, as before
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        if "Abort" in kinds:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if debug:
+            raise
+        if "UsageError" in kinds:  # unknown option, value of the wrong type: one line, and where to look
+            ctx = getattr(e, "ctx", None)
+            fail(f"{e.format_message()} (see '{ctx.command_path if ctx else 'excise'} --help')", 2)  # type: ignore[attr-defined]
+        if "ClickException" in kinds:
+            fail(e.format_message(), 2)  # type: ignore[attr-defined]
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
+            fail(f"out of memory ({_first(e)}); try a smaller --batch-size or another --device", 2)
+        raise
+    if rv == 130:  # typer turns an interrupt into this exit code
+        print("interrupted", file=sys.stderr)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+_ENV_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EACCES", "EPERM", "EROFS", "EDQUOT", "EMFILE") if hasattr(errno, n))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_scheduler
 
 from excise.errors import ExciseError
 
@@ -78,12 +78,17 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (0 keeps masked updates inside the mask)")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many steps (transformers' convention)")
     schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="learning rate after warm-up: constant, linear decay to 0, or cosine decay to 0")
+        "constant", description="learning rate after warm-up: constant, linear decay to 0, or cosine decay to min_lr")
+    min_lr: float = Field(0.0, ge=0, description="cosine only: the learning rate the cosine ends at (capped at lr; "
+                                                 "0: decay to 0, transformers' plain cosine)")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (the global batch is cut into them)")
     seed: int = Field(0, description="seeds python, numpy and torch at the start, and the example order")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every this many steps (0: never; "
                                                        "needs a checkpoint_dir)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them "
+                           "(about 1/3 more compute, activation memory per layer down to its input; large models)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="accelerate mixed precision (only when train creates the Accelerator)")
 
@@ -219,7 +224,9 @@ def latest_checkpoint(directory: str | Path | None) -> Path | None:
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k != "checkpoint_every"}
+    # min_lr = 0 is left out so checkpoints written before the setting existed still resume
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in ("checkpoint_every", "gradient_checkpointing") and not (k == "min_lr" and v == 0)}
 
 
 def _save_checkpoint(acc: Accelerator, directory: Path, step: int, log: list[dict], cfg: TrainConfig,
@@ -262,7 +269,15 @@ def _load_checkpoint(acc: Accelerator, path: Path, cfg: TrainConfig, sched: Any,
 # --- the loop ------------------------------------------------------------------------------------
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
-    """``transformers.get_scheduler`` for ``cfg.schedule`` with linear warm-up over ``cfg.warmup_steps``."""
+    """``transformers.get_scheduler`` for ``cfg.schedule`` with linear warm-up over ``cfg.warmup_steps``.
+
+    A cosine with ``min_lr`` > 0 ends at ``min_lr`` (``get_cosine_with_min_lr_schedule_with_warmup``)."""
+    if cfg.min_lr > 0:
+        if cfg.schedule != "cosine":
+            raise ExciseError(f"min_lr needs schedule 'cosine', not '{cfg.schedule}'")
+        return get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=cfg.warmup_steps,
+                                                           num_training_steps=max(cfg.steps, 1),
+                                                           min_lr=min(cfg.min_lr, cfg.lr))
     name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     return get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(cfg.steps, 1))
 
@@ -297,6 +312,9 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
     n_trainable = int(sum(p.numel() for p in trainable))
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg)  # stepped here once per optimizer step, whatever the accelerator's settings
+    checkpointing = cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped, opt = acc.prepare(model, opt)
     start, log = 0, []
     ckpt = latest_checkpoint(checkpoint_dir)
@@ -345,6 +363,8 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
                 break
     bar.close()
     model = acc.unwrap_model(wrapped)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return TrainResult(model=model, log=log, n_trainable=n_trainable, n_processes=nproc,
                        seconds=time.time() - t0, resumed_from=start, stopped_early=stopped)

@@ -15,16 +15,20 @@ from excise.measure.stats import wilson
 from excise.measure.unlearning import generate
 
 
-def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int = 16, keep_forget_all: bool = False
-           ) -> tuple[Any, dict, dict[str, list[str]]]:
-    """Return (filtered spec, kept report, base generations keyed like ``spec.probe_sets()`` + ``retain``)."""
+def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int = 16, keep_forget_all: bool = False,
+           keep_all: bool = False) -> tuple[Any, dict, dict[str, list[str]]]:
+    """Return (filtered spec, kept report, base generations keyed like ``spec.probe_sets()`` + ``retain``).
+
+    ``keep_all`` keeps every item whatever the base model answers (the generations are still recorded)."""
     sets = {"forget": spec.forget, "paraphrases": spec.paraphrases, "adversarial": spec.adversarial, "retain": spec.retain}
     gens: dict[str, list[str]] = {}
     keep: dict[str, list[bool]] = {}
     for key, items in sets.items():
         g = generate(handle, items, max_new_tokens=max_new_tokens, batch_size=batch_size) if items else []
         gens[key] = g
-        if key == "retain":
+        if keep_all:
+            keep[key] = [True] * len(items)
+        elif key == "retain":
             keep[key] = [spec.correct(it, x) for it, x in zip(items, g)]
         else:
             keep[key] = [True if (keep_forget_all and key == "forget") else spec.leaks(it, x) for it, x in zip(items, g)]

@@ -35,4 +35,5 @@ def recipe_config(config: Optional[Path], default_recipe: str, config_cls: type,
     data = load_yaml(path) or {}
     data.pop("workflow", None)
     data.pop("out", None)
+    data.pop("plan", None)
     return validate(config_cls, apply_overrides(data, overrides), str(path))

@@ -108,7 +108,8 @@ class ArithModelConfig(BaseModel):
     """Architecture of the small decoder excise pretrains on the arithmetic mix."""
 
     model_config = {"extra": "forbid"}
-    family: Literal["llama", "gemma"] = Field("llama", description="Llama- or Gemma-style decoder config")
+    family: Literal["llama", "gemma", "gemma2"] = Field(
+        "llama", description="Llama-, Gemma- or Gemma-2-style decoder config (UNDO's paper uses Gemma-2)")
     n_layers: int = Field(2, ge=1, le=24, description="transformer blocks")
     d_model: int = Field(64, ge=16, le=2048, description="hidden size")
     n_heads: int = Field(4, ge=1, description="attention heads (head_dim = d_model / n_heads)")
@@ -129,9 +130,9 @@ class PretrainConfig(BaseModel):
     warmup: int = Field(100, ge=0, description="warm-up steps")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     seed: int = Field(0, description="seed of initialisation and data order")
-    eval_n_per_op: int = Field(200, ge=1, description="held-out items per operation for the final accuracy")
+    eval_n_per_op: int = Field(200, ge=1, description="test-pool items per operation for the final accuracy")
     log_every: int = Field(250, ge=0, description="record held-out accuracy (probe items) every this many steps; 0: never")
-    probe_n_per_op: int = Field(50, ge=1, description="held-out items per operation of the learning-curve probe")
+    probe_n_per_op: int = Field(50, ge=1, description="dev-pool items per operation of the learning-curve probe (it drives early stopping)")
     target_accuracy: float | None = Field(0.95, gt=0, le=1, description="stop early once every trained operation reaches this probe accuracy (None: run all steps)")
 
 
@@ -144,16 +145,19 @@ def build_model(arch: ArithModelConfig, vocab_size: int, seed: int) -> Any:
                   num_attention_heads=arch.n_heads, num_key_value_heads=arch.n_heads, vocab_size=vocab_size,
                   max_position_embeddings=arch.max_len, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   tie_word_embeddings=True)
-    if arch.family == "gemma":
+    if arch.family in ("gemma", "gemma2"):
         common["head_dim"] = arch.d_model // arch.n_heads
     cfg = AutoConfig.for_model(arch.family, **common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
 
 
+DATA_VERSION = 2  # 2: the pretraining probe draws from the dev pool (1: from the held-out strings results used)
+
+
 def config_key(cfg: PretrainConfig) -> str:
-    """A short stable hash of a pretraining config: the cache directory name."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    """A short stable hash of a pretraining config and the data version: the cache directory name."""
+    blob = json.dumps({**cfg.model_dump(mode="json"), "data_version": DATA_VERSION}, sort_keys=True)
     return f"{zlib.crc32(blob.encode()):08x}"
 
 
@@ -190,7 +194,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, name: st
         return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
     curve: list[dict] = []
-    probe = eval_items(OPS, cfg.probe_n_per_op, seed=cfg.seed + 500)
+    probe = eval_items(OPS, cfg.probe_n_per_op, seed=cfg.seed, pool="dev")  # early stop tunes: never the test pool
     t0, c0 = time.time(), time.process_time()
 
     def on_step(step: int, m: Any) -> bool:

@@ -72,8 +72,8 @@ def load_model(cfg: CaptionBiasConfig, console: Any = None) -> Any:
     if cfg.model == "organism":
         if console is not None:
             console.print("caption organism: building or loading from the cache", markup=False)
-        return load(str(build_caption_organism(cfg.organism)), kind="vlm", device=cfg.device)
-    return load(cfg.model, kind="vlm", device=cfg.device)
+        return load(str(build_caption_organism(cfg.organism)), kind="vlm", device=cfg.device, dtype=cfg.dtype)
+    return load(cfg.model, kind="vlm", device=cfg.device, dtype=cfg.dtype)
 
 
 def scene_pools(cfg: CaptionBiasConfig) -> dict[str, list[Any]]:
@@ -226,8 +226,8 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
         torch.set_num_threads(cfg.threads)
     run = Run(out, {"workflow": "captions", **cfg.model_dump(mode="json")}, force=force)
     seed_everything(cfg.seed)
+    pools = scene_pools(cfg)  # a user's caption folder is checked before the model is built or loaded
     handle = load_model(cfg, console)
-    pools = scene_pools(cfg)
     size = image_size(handle.processor)
     site = cfg.sae.site
     clip = is_contrastive(handle)

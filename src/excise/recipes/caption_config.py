@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from excise.config import Device
 from excise.intervene.caption_lora import GenderSwapLoraConfig
 from excise.locate.sae_train import SAEConfig
 from excise.organisms.caption_vlm import CaptionOrganismConfig
@@ -70,7 +71,9 @@ class CaptionBiasConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="images per generation batch")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples of every CI")
     seed: int = Field(0, description="scene pools, training and bootstrap")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights' dtype (bfloat16 for a 7B VLM on one GPU; the organism trains in float32)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 
     @model_validator(mode="after")

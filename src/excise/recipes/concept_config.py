@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from excise.config import Device
 from excise.attack.relearn import RelearnConfig
 from excise.intervene.masked_lora import UnlearnSettings
 from excise.intervene.trainable import LoraFields
@@ -37,11 +38,13 @@ class ConceptUnlearnConfig(BaseModel):
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
     concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     seed: int = Field(0, description="one seed for data order, LoRA init and random masks")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     max_new_tokens: int = Field(24, ge=1, description="greedy tokens generated per probe")
+    screen: bool = Field(True, description="keep only the items the base model leaks on / answers; false keeps every "
+                                           "item (a model that knows nothing, e.g. a --dry-run's random model)")
     units: Literal["neuron", "head"] = Field("neuron", description="unit kind the mask and the masked LoRA act on")
     localize: SaliencyConfig = Field(default_factory=SaliencyConfig, description="how units are scored")
     select: SelectConfig = Field(default_factory=lambda: SelectConfig(method="topk", k=256, per_layer=False),

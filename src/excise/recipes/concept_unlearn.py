@@ -30,7 +30,7 @@ import torch
 
 from excise.attack.probes import screen
 from excise.attack.relearn import relearn
-from excise.config import validate
+from excise.config import setting_error, validate
 from excise.errors import ExciseError
 from excise.intervene.masked_lora import all_units, load_masked_lora, unlearn_concept
 from excise.intervene.trainable import make_trainable
@@ -49,8 +49,17 @@ from excise.tasks.concepts import ConceptSpec, encode_items, load_concept
 __all__ = ["ConceptUnlearnConfig", "run_concept", "run_recipe"]
 
 
+def _check_k(cfg: ConceptUnlearnConfig, anatomy: Any, source: str) -> None:
+    """Top-k must ask for no more units than the model has (else the mask would silently hold fewer)."""
+    per = anatomy.d_mlp if cfg.units == "neuron" else anatomy.n_heads
+    n = per if cfg.select.per_layer else anatomy.n_layers * per
+    if cfg.select.method == "topk" and cfg.select.k > n:
+        raise setting_error(source, ("select", "k"), f"{cfg.select.k} {cfg.units}s asked for, but the model has {n}"
+                            f"{' per layer' if cfg.select.per_layer else ''}")
+
+
 def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = False, quick: bool = False,
-                console: Any = None, stop_after: str | None = None) -> dict:
+                console: Any = None, stop_after: str | None = None, source: str = "command line") -> dict:
     """Run the workflow's stages in ``out`` (resumable); ``stop_after="localize"`` stops after localization."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -62,6 +71,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     run = Run(out, {"workflow": "concept", "quick": quick, **cfg.model_dump(exclude={"compare", "comparison"})}, force=force)
     t_start = time.time()
     handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    _check_k(cfg, handle.anatomy, source)
     say(f"[bold]concept[/] {spec_full.name} on {cfg.model} -> {run.dir}")
     timings: dict[str, float] = {}
 
@@ -82,7 +92,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
             spec = spec.model_copy(update={"forget": cut(spec.forget, 4), "paraphrases": cut(spec.paraphrases, 4),
                                            "adversarial": cut(spec.adversarial[::3], 6), "retain": cut(spec.retain[::3], 8),
                                            "neutral": cut(spec.neutral, 4)})
-        filtered, report, before = screen(handle, spec, max_new_tokens=cfg.max_new_tokens)
+        filtered, report, before = screen(handle, spec, max_new_tokens=cfg.max_new_tokens, keep_all=not cfg.screen)
         atomic_write_json(d / "spec_kept.json", filtered.model_dump())
         atomic_write_json(d / "base_generations.json", before)
         atomic_write_jsonl(d / "items.jsonl", report.pop("items"))
@@ -305,4 +315,4 @@ def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = 
     cfg = validate(ConceptUnlearnConfig, settings, source)
     if quick:
         cfg = quick_variant(cfg)
-    return run_concept(cfg, out, force=force, quick=quick, console=console)
+    return run_concept(cfg, out, force=force, quick=quick, console=console, source=source)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from excise.config import apply_overrides, load_yaml
 from excise.errors import ExciseError
@@ -38,7 +38,9 @@ def find_recipe(recipe: str | Path) -> Path:
 
 
 def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool = False, quick: bool = False,
-                    console: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+                    console: Any = None, overrides: list[str] | tuple[str, ...] = (),
+                    transform: Callable[[str, dict], dict] | None = None) -> dict:
+    """Run a recipe file; ``transform(workflow, settings)`` may rewrite the settings first (``--dry-run``)."""
     path = find_recipe(recipe)
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -48,6 +50,9 @@ def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool 
     if workflow not in WORKFLOWS:
         raise ExciseError(f"unknown workflow {workflow!r}; choose one of {', '.join(WORKFLOWS)}", where=f"{path}:workflow")
     default_out = data.pop("out", f"runs/{path.stem}")
+    data.pop("plan", None)  # the hardware a recipe expects: read by `excise plan`, not by the workflow
+    if transform is not None:
+        data = transform(workflow, data)
     out = Path(out or default_out)
     try:
         mod = importlib.import_module(WORKFLOWS[workflow])
