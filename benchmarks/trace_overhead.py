@@ -7,6 +7,13 @@ excise's at real (non-pad) tokens, so every row computes the same thing.
 
     .venv-bench/bin/python benchmarks/trace_overhead.py          # peers installed by `make bench-deps`
     .venv/bin/python benchmarks/trace_overhead.py                # excise vs plain only
+    .venv/bin/python benchmarks/trace_overhead.py --tiny-family mixtral --threads 1   # random MoE
+    .venv/bin/python benchmarks/trace_overhead.py --tiny-family falcon --threads 1    # fused QKV
+
+``--tiny-family NAME`` times a random model of ``excise.testing``'s family NAME widened to
+``--tiny-width`` (4 layers; MoE: 4 experts, top-2) on random token ids: plain vs every site
+(``all``: on expert layers the router replaces mlp.hidden) and, for MoE, all + every expert's
+hidden and out (recomputed from the fused weights, so it costs about one more expert pass).
 
 Rows:
   plain            model(**batch), no hooks (same eager attention)
@@ -191,8 +198,67 @@ def agreement(h, methods, mask):
     return agree, scale
 
 
+_WIDTH = ("hidden_size", "n_embd", "d_model")
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_FFN = ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size")
+
+
+def tiny_family(args) -> int:
+    """Trace-everything overhead on a widened random model of one family (no download, no peers)."""
+    import torch
+
+    from excise.testing import TINY, tiny_handle
+    from excise.trace import Trace, expand_sites
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    W = args.tiny_width
+    over = {k: W for k in TINY[args.tiny_family] if k in _WIDTH}
+    over.update({k: 4 for k in TINY[args.tiny_family] if k in _LAYERS})
+    over.update({k: 2 * W for k in TINY[args.tiny_family] if k in _FFN})
+    over.update({k: W // 32 for k in TINY[args.tiny_family] if k in ("num_attention_heads", "n_head")})
+    h = tiny_handle(args.tiny_family, **over)
+    an = h.anatomy
+    ids = torch.randint(3, 250, (args.n_prompts, args.tiny_tokens))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    sites = expand_sites("all", an.n_layers, moe_layers=an.moe_layers, n_experts=an.n_experts)
+    experts = sites + expand_sites("mlp.*.expert.*.hidden, mlp.*.expert.*.out", an.n_layers,
+                                   moe_layers=an.moe_layers, n_experts=an.n_experts) if an.moe_layers else None
+
+    def run(capture):
+        def fn():
+            with torch.inference_mode(), Trace(h, capture or []):
+                return h.model(**batch).logits
+        return fn
+
+    methods = {"plain": run(None), "excise (all)": run(sites)}
+    if experts:
+        methods["excise (all + experts)"] = run(experts)
+    cpu: dict[str, list[float]] = {}
+    times = _common.time_interleaved(methods, args.repeats, args.warmup, cpu=cpu)
+    rows, res = [], {}
+    for name, xs in times.items():
+        med, ratio = _common.median_ci(xs), _common.ratio_ci(xs, times["plain"])
+        res[name] = {"median_ms": med.as_dict(), "ratio_to_plain": ratio.as_dict(), "times_ms": xs}
+        rows.append([name, f"{med.value:.1f} [{med.lo:.1f}, {med.hi:.1f}]",
+                     f"{ratio.value:.3f} [{ratio.lo:.3f}, {ratio.hi:.3f}]"])
+    n_sites = {"excise (all)": len(sites), "excise (all + experts)": len(experts or [])}
+    header = ["method", f"wall median ms (95% CI, n={args.repeats})", "x plain"]
+    desc = (f"{args.tiny_family}: {an.n_layers} layers, d_model {an.d_model}, {an.n_heads} heads"
+            + (f", {an.n_experts} experts top-{an.top_k}" if an.moe_layers else "")
+            + f"; batch {tuple(ids.shape)}; sites {n_sites}")
+    print(desc + "\n\n" + _common.table(rows, header))
+    _common.save(f"trace_overhead_tiny_{args.tiny_family}", {
+        "args": vars(args), "machine": _common.machine(), "model": desc, "results": res,
+        "table": _common.table(rows, header)})
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny-family", default=None, help="time a random model of this excise.testing family instead")
+    ap.add_argument("--tiny-width", type=int, default=256, help="--tiny-family: d_model (heads = width / 32)")
+    ap.add_argument("--tiny-tokens", type=int, default=128, help="--tiny-family: tokens per sequence")
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -200,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", default="", help="comma-separated rows to skip (nnsight, tl)")
     args = ap.parse_args(argv)
+    if args.tiny_family:
+        return tiny_family(args)
 
     import torch
 

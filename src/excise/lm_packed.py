@@ -68,8 +68,9 @@ def packed_ok(model: Any) -> bool:
         return False
     if getattr(base.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return False
-    if hasattr(mod, "build_alibi_tensor") and getattr(base.config, "alibi", True):
-        return False  # ALiBi positions (bloom; falcon with alibi=True) are built from the 2D mask: no 4D mask
+    alibi = any("alibi" in name and callable(getattr(mod, name)) for name in dir(mod))
+    if alibi and getattr(base.config, "alibi", True):
+        return False  # ALiBi positions (bloom, mpt; falcon with alibi=True) come from the 2D mask: no 4D mask
     return takes_logits_to_keep(base)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 
 from excise.errors import ExciseError
+from excise.models.anatomy.moe import expert_activations, scale_expert  # noqa: F401  (re-exported)
 
 Pool = Literal["all", "last", "mean", "cls"]
 POOLS = ("all", "last", "mean", "cls")
@@ -233,39 +234,3 @@ def _pool_vision(x: torch.Tensor, pool: str, lengths: list[int] | None) -> torch
             raise ExciseError(f"flat vision capture has {x.shape[0]} rows, the images' grid says {sum(lengths)}")
         return torch.stack([_pool(part.unsqueeze(0), None, pool)[0] for part in x.split(lengths)])
     return _pool(x, None, pool)
-
-
-# --- mixture of experts: what one expert computes, from the fused experts module's weights ----------
-def expert_activations(experts: Any, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                       e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden [N, d_expert], out [N, d]) of expert ``e`` on the flat tokens ``x`` [N, d], zero where unrouted.
-
-    ``hidden`` is the input of the expert's down-projection (act(gate) * up); ``out`` is what the
-    block adds for it (down-projection times the routing weight), so the experts' ``out`` sum to
-    the routed part of ``mlp.L.out``. transformers 5 keeps experts as fused [E, ...] tensors with
-    no per-expert module, so this recomputes the eager path from the same weights.
-    """
-    if getattr(experts, "has_post_expert_norm", False) or not hasattr(experts, "down_proj") \
-            or not hasattr(experts, "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"):
-        raise ExciseError(f"{type(experts).__name__}: per-expert sites need fused gate_up_proj/down_proj weights "
-                          "without a post-expert norm; use mlp.L.router and mlp.L.out")
-    routed = index == e  # [N, k]
-    w = (weights * routed).sum(-1, keepdim=True)  # [N, 1]: the routing weight, 0 where unrouted
-    keep = routed.any(-1, keepdim=True).to(x.dtype)
-    has_gate = getattr(experts, "has_gate", True)
-    W = (experts.gate_up_proj if has_gate else experts.up_proj)[e]
-    t = getattr(experts, "is_transposed", False)
-    bias = getattr(experts, ("gate_up_proj" if has_gate else "up_proj") + "_bias", None)
-    gu = x @ W if t else torch.nn.functional.linear(x, W)
-    gu = gu + bias[e] if getattr(experts, "has_bias", False) and bias is not None else gu
-    hidden = (experts._apply_gate(gu) if has_gate else experts.act_fn(gu)) * keep
-    D = experts.down_proj[e]
-    out = hidden @ D if t else torch.nn.functional.linear(hidden, D)
-    dbias = getattr(experts, "down_proj_bias", None)
-    out = out + dbias[e] if getattr(experts, "has_bias", False) and dbias is not None else out
-    return hidden, out * w.to(out.dtype)
-
-
-def scale_expert(index: torch.Tensor, weights: torch.Tensor, e: int, factor: float) -> torch.Tensor:
-    """Routing weights with expert ``e``'s scaled: scales exactly its contribution (``mlp.L.expert.E.out``)."""
-    return torch.where(index == e, weights * factor, weights)

@@ -90,6 +90,14 @@ def tiny_model(model_type: str, *, seed: int = 0, attn_implementation: str = "ea
     return model.eval()
 
 
+def matrix_cases() -> list[tuple[str, str, dict]]:
+    """(id, model type, config overrides) of every family the matrix in docs/core.md covers."""
+    falcon = [("falcon-new_arch", "falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+              ("falcon-alibi-seq", "falcon", dict(alibi=True, multi_query=False, parallel_attn=False))]
+    fams = DECODERS + EXTRA_DECODERS + MORE_DECODERS + ENCODERS + ("distilbert",) + MOE_DECODERS
+    return [(f, f, {}) for f in fams] + falcon + [(f, f, {}) for f in INFERRED_DECODERS + INFERRED_ENCODERS]
+
+
 def tiny_handle(model_type: str, *, seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> Any:
     """A ModelHandle around a tiny model, with a byte-level stand-in tokenizer (no download)."""
     model = tiny_model(model_type, seed=seed, attn_implementation=attn_implementation, **overrides)
@@ -214,6 +222,21 @@ TINY["olmoe"] = dict(_MOE_BASE, num_experts=4, intermediate_size=32)
 TINY["granitemoe"] = dict(_MOE_BASE, num_local_experts=4, intermediate_size=32, embedding_multiplier=2.0,
                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0)
 MOE_DECODERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+
+# families with no spec: excise infers and proves their anatomy (tests/test_anatomy_matrix.py)
+_L = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
+          max_position_embeddings=128)
+TINY.update({"biogpt": _L, "persimmon": _L, "roformer": _L, "megatron-bert": _L, "data2vec-text": dict(_L, pad_token_id=1,
+             max_position_embeddings=130), "olmo3": dict(_L, num_key_value_heads=2), "helium": dict(_L, num_key_value_heads=2, head_dim=16),
+             "xglm": dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, vocab_size=256, max_position_embeddings=128),
+             "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256, n_positions=128),
+             "granitemoeshared": dict(_L, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=32, shared_intermediate_size=48),
+             "flex_olmo": dict(_L, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32)})
+# not mpt: its ALiBi escapes lm_packed.packed_ok (build_mpt_alibi_tensor), so packed log-likelihood differs
+INFERRED_DECODERS = ("biogpt", "persimmon", "olmo3", "helium", "xglm", "gpt_bigcode", "flex_olmo", "granitemoeshared")
+INFERRED_ENCODERS = ("roformer", "megatron-bert", "data2vec-text")
+MORE_ENCODERS += INFERRED_ENCODERS  # built with AutoModel (an encoder), like distilbert
 
 
 # --- tiny vision-language models (tests/test_vlm_anatomy.py) ----------------------------------

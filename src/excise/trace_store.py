@@ -84,7 +84,8 @@ def trace_dataset(
     texts = list(texts) if not isinstance(texts, list) else texts
     if not texts:
         raise ExciseError("trace_dataset: no texts to trace")
-    sites = expand_sites(capture, handle.anatomy.n_layers)
+    an = handle.anatomy
+    sites = expand_sites(capture, an.n_layers, moe_layers=an.moe_layers, n_experts=an.n_experts)
     if any(parse_site(x).kind == "attn.pattern" for x in sites):
         raise ExciseError(
             "attn.L.pattern has a key axis as long as each batch, so it does not shard: "
@@ -326,5 +327,6 @@ def expand_vlm_sites(handle: Any, sites: Sequence[str]) -> list[str]:
         else:
             if handle.anatomy is None:
                 raise ExciseError(f"site '{s}': this model has no language-model anatomy")
-            out += expand_sites([s], handle.anatomy.n_layers)
+            an = handle.anatomy
+            out += expand_sites([s], an.n_layers, moe_layers=an.moe_layers, n_experts=an.n_experts)
     return list(dict.fromkeys(out))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from excise.config import check_device
 from excise.errors import ExciseError
 from excise.io import atomic_dir
 from excise.models.anatomy import Anatomy, VisionAnatomy, _text_config, check_family
@@ -223,6 +224,10 @@ def load(
     """
     if dtype not in DTYPES:
         raise ExciseError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    try:
+        device = check_device(device)
+    except ValueError as e:
+        raise ExciseError(str(e)) from None
     source, hint = resolve(name_or_path)
     local = Path(source).exists()
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -239,6 +244,8 @@ def load(
     torch_dtype = _dtype(dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExciseError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ExciseError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except OSError as e:
@@ -295,6 +302,10 @@ def load(
             raise ExciseError(f"unknown model kind '{kind}'; choose auto, causal-lm, encoder or vlm")
     except OSError as e:
         raise ExciseError(f"cannot load weights of '{name_or_path}' ({_first_line(e)[:160]})") from None
+    except Exception as e:  # a corrupt weights file the precheck could not see (safetensors' own error type)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ExciseError(f"cannot load weights of '{name_or_path}': corrupt safetensors file ({_first_line(e)[:160]})") from None
     model.to(device)
     model.eval()
     if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
@@ -319,10 +330,14 @@ def _precheck(name: str, source: str, local: bool, kind: str, common: dict) -> N
             raw = json.loads(cfg_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ExciseError(f"invalid JSON ({e.msg})", where=f"{cfg_path}:{e.lineno}") from None
+        except UnicodeDecodeError:
+            raise ExciseError("invalid JSON (not UTF-8 text: a binary file?)", where=str(cfg_path)) from None
         except OSError as e:
             raise ExciseError(f"cannot read model config ({e.strerror})", where=str(cfg_path)) from None
         if not isinstance(raw, dict):
             raise ExciseError("a model config must be a JSON object", where=str(cfg_path))
+        for f in sorted(Path(source).glob("*.safetensors")):
+            check_safetensors(f)
         if kind == "vlm" or "vision_config" in raw or common.get("trust_remote_code"):
             return  # VLMs and remote code: leave it to transformers
         text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
@@ -339,6 +354,29 @@ def _precheck(name: str, source: str, local: bool, kind: str, common: dict) -> N
                 f"cannot load model '{name}': the Hugging Face hub is unreachable and the model is not in the local "
                 f"cache; use a local directory or an embedded default ({', '.join(DEFAULTS)})"
             )
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header (not its tensors): garbage or a truncated file is a one-line
+    ExciseError naming the file, before any weight is loaded."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ValueError("no valid header")
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        raise ExciseError(f"cannot read weights ({e.strerror})", where=str(path)) from None
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ExciseError("corrupt safetensors file (unreadable header)", where=str(path)) from None
+    if 8 + n + end > size:
+        raise ExciseError(f"corrupt safetensors file (truncated: {size} bytes, the header needs {8 + n + end})",
+                          where=str(path))
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,8 +15,9 @@ import sys
 from typing import Any
 
 from excise.errors import ExciseError
-from excise.models.anatomy import Anatomy
+from excise.models.anatomy import Anatomy, _text_config, check_family
 
+MAX_PARAMS = 30_000_000
 _SMALL = {  # config attribute -> tiny value, set only where the family's default config has it
     **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embedding_size", "word_embed_proj_dim"), 64),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers"), 2),
@@ -24,7 +25,7 @@ _SMALL = {  # config attribute -> tiny value, set only where the family's defaul
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "d_ff", "hidden_dim", "ffn_hidden_size"), 128),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), 32),
     **dict.fromkeys(("num_experts", "num_local_experts"), 4),
-    "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 256, "num_experts_per_tok": 2,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": 16, "rotary_dim": 8, "vocab_size": 256, "num_experts_per_tok": 2,
     "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
 }
 
@@ -41,7 +42,8 @@ def tiny_default_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    kw = {k: v for k, v in _SMALL.items() if getattr(default, k, None) is not None
+    settable = [k for k in _SMALL if not isinstance(getattr(type(default), k, None), property)]
+    kw = {k: _SMALL[k] for k in settable if getattr(default, k, None) is not None
           or k in ("pad_token_id", "bos_token_id", "eos_token_id") and hasattr(default, k)}
     types = getattr(default, "layer_types", None)
     if isinstance(types, list) and types:
@@ -52,13 +54,26 @@ def tiny_default_config(model_type: str) -> Any:
 def census_row(model_type: str) -> dict[str, str]:
     """{family, status: spec | inferred | refused | not built, detail}."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    try:
+        text = _text_config(AutoConfig.for_model(model_type))  # e.g. encoder-decoders: refused from the config
+        check_family(getattr(text, "model_type", model_type), text)
+    except ExciseError as e:
+        detail = str(e).split("inference ", 1)[-1].split("; families with a spec")[0]
+        return {"family": model_type, "status": "refused", "detail": detail}
+    except Exception as e:  # noqa: BLE001
+        return {"family": model_type, "status": "not built", "detail": _short(e)}
     try:
         cfg = tiny_default_config(model_type)
         torch.manual_seed(0)
         cls = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+        with torch.device("meta"):  # size it first: a config the generic shrink misses stays large
+            n = sum(p.numel() for p in cls.from_config(cfg).parameters())
+        if n > MAX_PARAMS:
+            return {"family": model_type, "status": "not built",
+                    "detail": f"{n / 1e6:.0f}M parameters after shrinking the default config (sizes it names differently)"}
         model = cls.from_config(cfg, attn_implementation="eager").eval()
     except Exception as e:  # noqa: BLE001  (any failure to build is reported, not raised)
         return {"family": model_type, "status": "not built", "detail": _short(e)}
@@ -66,6 +81,7 @@ def census_row(model_type: str) -> dict[str, str]:
         an = Anatomy.of(model)
     except ExciseError as e:
         reason = str(e).split("inference ", 1)[-1] if "inference " in str(e) else str(e)
+        reason = reason.split("; families with a spec")[0]
         return {"family": model_type, "status": "refused", "detail": reason}
     except Exception as e:  # noqa: BLE001
         return {"family": model_type, "status": "refused", "detail": f"error while binding: {_short(e)}"}
@@ -79,8 +95,13 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:140]
 
 
-def census_rows(families: list[str] | None = None) -> list[dict[str, str]]:
-    return [census_row(mt) for mt in (families or text_families())]
+def census_rows(families: list[str] | None = None, progress: bool = False) -> list[dict[str, str]]:
+    rows = []
+    for mt in families or text_families():
+        rows.append(census_row(mt))
+        if progress:
+            print(f"{mt}: {rows[-1]['status']}", file=sys.stderr, flush=True)
+    return rows
 
 
 def census_markdown(rows: list[dict[str, str]]) -> str:
@@ -88,6 +109,29 @@ def census_markdown(rows: list[dict[str, str]]) -> str:
     head = (f"{len(rows)} text families (causal-LM or masked-LM class): " +
             ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n\n| family | status | detail |\n|---|---|---|\n")
     return head + "".join(f"| {r['family']} | {r['status']} | {r['detail'].replace('|', '/')} |\n" for r in rows)
+
+
+MATRIX_CHECKS = ("load", "trace", "head edit", "hook = bake", "task")
+
+
+def matrix_row(case: str, anatomy: Any) -> dict[str, str]:
+    """One family of the matrix, described from its bound anatomy."""
+    an = anatomy
+    moe = f"{an.n_experts} x top-{an.top_k} (layers {','.join(map(str, an.moe_layers))})" if an.moe_layers else ""
+    return {"family": case, "model type": an.spec.model_types[0] if an.spec.inferred else
+            str(getattr(_text_config(an.model.config), "model_type", "")),
+            "anatomy": "inferred" if an.spec.inferred else f"spec `{an.spec.family}`",
+            "kind": "decoder" if an.spec.is_decoder else "encoder",
+            "layers x heads (kv) x head_dim": f"{an.n_layers} x {an.n_heads} ({an.n_kv_heads}) x {an.head_dim}",
+            "d_mlp": str(an.d_mlp), "experts": moe}
+
+
+def matrix_markdown(rows: list[dict[str, str]]) -> str:
+    cols = list(rows[0]) + list(MATRIX_CHECKS)
+    n_inf = sum(r["anatomy"] == "inferred" for r in rows)
+    head = (f"{len(rows)} families ({len(rows) - n_inf} by spec, {n_inf} inferred) pass every check on tiny random "
+            "models.\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    return head + "".join("| " + " | ".join([*r.values()] + ["ok"] * len(MATRIX_CHECKS)) + " |\n" for r in rows)
 
 
 def replace_between_markers(text: str, name: str, body: str) -> str:
@@ -106,4 +150,4 @@ def between_markers(text: str, name: str) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.stdout.write(census_markdown(census_rows(sys.argv[1:] or None)))
+    sys.stdout.write(census_markdown(census_rows(sys.argv[1:] or None, progress=True)))
