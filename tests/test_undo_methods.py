@@ -42,24 +42,43 @@ def test_unlearning_needs_retain_data_and_valid_layer():
                 UnlearnConfig(method="rmu", steps=1, rmu_layer=5))
 
 
-def test_fisher_scores_are_mean_squared_gradients():
-    from excise.losses import nll
+def test_fisher_is_the_mean_of_per_example_squared_gradients_on_answer_tokens():
+    """Brute force: one autograd.grad per example of its answer NLL; square; average over examples."""
     from excise.lm import lm_batch
     from excise.locate.fisher import fisher_scores
+    from excise.losses import sequence_logprob
 
     h = tiny_handle("llama", seed=0)
-    items = train_items(FORGET_OPS, 4, 0)
-    sc = fisher_scores(h.model, h.tokenizer, items, batch_size=2)
-    # by hand: two batches of two
-    acc = None
-    for s in (0, 2):
-        b = lm_batch(h.tokenizer, [it.text for it in items[s:s + 2]])
-        h.model.zero_grad()
-        nll(h.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]).backward()
-        g = h.model.model.layers[0].mlp.down_proj.weight.grad.pow(2)
-        acc = g if acc is None else acc + g
-    torch.testing.assert_close(sc.values["model.layers.0.mlp.down_proj.weight"], acc / 2)
-    assert all((v >= 0).all() for v in sc.values.values())
+    items, retain = train_items(FORGET_OPS, 5, 0), train_items(RETAIN_OPS, 3, 0)
+    params = dict(h.model.named_parameters())
+
+    def brute(its):
+        acc = {n: torch.zeros_like(p) for n, p in params.items()}
+        for it in its:
+            b = lm_batch(h.tokenizer, [it.text], prompts=[it.prompt])
+            lp = sequence_logprob(h.model(input_ids=b["input_ids"]).logits, b["labels"]).sum()
+            for (n, _), g in zip(params.items(), torch.autograd.grad(-lp, list(params.values()), allow_unused=True)):
+                if g is not None:
+                    acc[n] += g.pow(2)
+        return {n: v / len(its) for n, v in acc.items()}
+
+    want = brute(items)
+    sc = fisher_scores(h.model, h.tokenizer, items, batch_size=2)  # chunks of 2 (and a last chunk of 1)
+    assert sc.meta["per_example"] and sc.meta["loss_on"] == "answer"
+    for n in params:
+        torch.testing.assert_close(sc.values[n], want[n], rtol=1e-4, atol=1e-9)
+    # not the square of the batch-mean gradient (what the old localizer computed)
+    b = lm_batch(h.tokenizer, [it.text for it in items], prompts=[it.prompt for it in items])
+    g = torch.autograd.grad(-sequence_logprob(h.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                              b["labels"]).mean(), params["model.layers.0.mlp.down_proj.weight"])[0]
+    assert not torch.allclose(g.pow(2), want["model.layers.0.mlp.down_proj.weight"], rtol=1e-2)
+    # retain contrast: max(F_forget - lambda F_retain, 0)
+    ret = brute(retain)
+    sc2 = fisher_scores(h.model, h.tokenizer, items, retain_items=retain, retain_weight=0.5)
+    for n in params:
+        torch.testing.assert_close(sc2.values[n], (want[n] - 0.5 * ret[n]).clamp(min=0), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ExciseError, match="retain"):
+        fisher_scores(h.model, h.tokenizer, items, retain_weight=1.0)
 
 
 def test_snmf_scores_shape():

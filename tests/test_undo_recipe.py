@@ -36,8 +36,11 @@ def test_recipe_end_to_end_writes_table_and_plot(tmp_path, monkeypatch):
     out = tmp_path / "run"
     res = run_recipe_file(recipe, out=out)
     rep = out / "report"
-    for f in ("comparison.csv", "comparison.md", "comparison.json", "tradeoff.png", "relearn_curves.png"):
+    for f in ("comparison.csv", "comparison.md", "comparison.json", "tradeoff.png", "relearn_curves.png",
+              "distill_accuracy.png"):  # distill_loss.png too when any variant trained (here all may stop at step 0)
         assert (rep / f).exists(), f
+    md = (rep / "comparison.md").read_text()
+    assert "retain after noise" in md and "## Distillation curves" in md
     data = json.loads((rep / "comparison.json").read_text())
     names = {r["model"] for r in data["rows"]}
     assert {"base", "oracle", *METHODS, "undo-global-a0.5", "undo-paramdiff-binary-a0.8", "undo-snmf-a0.8",
@@ -46,6 +49,9 @@ def test_recipe_end_to_end_writes_table_and_plot(tmp_path, monkeypatch):
     undo = json.loads((out / "seed0-undo" / "metrics.json").read_text())
     assert all(v["distill_flops"] >= 0 for v in undo.values())
     assert undo["undo-snmf-a0.8"]["noise"]["covered_fraction"] < 0.2
+    assert all({"loss", "retain", "forget"} <= set(v["distill_curve"][-1]) for v in undo.values())
+    unl = json.loads((out / "seed0-unlearn" / "metrics.json").read_text())
+    assert unl["rmu"]["rmu_c"] == pytest.approx(5.0 * unl["rmu"]["rmu_resid_norm"])
     rel = json.loads((out / "seed0-relearn" / "metrics.json").read_text())
     assert all(v["attack_ops"] == ["div", "mul"] for v in rel.values())
     # a re-run resumes: every stage is skipped, the result is the same

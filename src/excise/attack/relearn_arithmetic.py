@@ -2,7 +2,10 @@
 
 Why: an unlearned model whose forget accuracy comes back after a few dozen steps never lost
 the skill. The attack fine-tunes a copy of the model on a small fixed set of forget-only items
-(or on the mixed data) for each learning rate of a sweep and records forget accuracy vs steps.
+(or on the mixed data) for each learning rate of a sweep and records forget accuracy vs steps
+on held-out forget items (the test pool). Defaults follow the reference's strength as far as a
+CPU allows: 8 learning rates log-spaced from 1e-4 to 1e-2, 300 steps each (the reference: about
+10 learning rates x 500 steps); a weak attack makes every model look robust.
 
 Robustness summary per model (worst case over the learning-rate sweep = the strongest attack):
 ``auc`` = area under the forget-accuracy curve divided by the step span (a mean accuracy in
@@ -36,13 +39,21 @@ class RelearnConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
     data: Literal["forget", "mixed"] = Field("forget", description="attack data: forget-only items, or the mixed data")
-    lrs: list[float] = Field(default_factory=lambda: [1e-3, 3e-3], description="learning-rate sweep (the worst case is reported)")
-    steps: int = Field(40, ge=1, description="fine-tuning steps per learning rate")
-    eval_every: int = Field(10, ge=1, description="evaluate forget accuracy every this many steps (and at step 0)")
+    lrs: list[float] = Field(default_factory=lambda: log_lrs(1e-4, 1e-2, 8), min_length=1,
+                             description="learning-rate sweep (the worst case is reported): 8 log-spaced from 1e-4 to 1e-2")
+    steps: int = Field(300, ge=1, description="fine-tuning steps per learning rate")
+    eval_every: int = Field(25, ge=1, description="evaluate forget accuracy every this many steps (and at step 0)")
     batch_size: int = Field(16, ge=1, description="sequences per step")
     n_items: int = Field(256, ge=1, description="size of the attacker's fixed training set (items, train split)")
-    eval_n_per_op: int = Field(30, ge=1, description="held-out items per operation for the curve")
+    eval_n_per_op: int = Field(50, ge=1, description="held-out (test-pool) forget items per operation for the curve")
     seed: int = Field(0, description="seed of the attack set and data order")
+
+
+def log_lrs(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` learning rates log-spaced from ``lo`` to ``hi`` (3 significant digits)."""
+    if n == 1:
+        return [float(f"{lo:.3g}")]
+    return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)]
 
 
 def attack_items(data: str, n: int, seed: int, *, items: Sequence[Item] | None = None) -> list[Item]:
@@ -79,9 +90,11 @@ def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Seque
     """Run the attack for every learning rate on a fresh copy of ``model``; the model itself is untouched."""
     data = attack_items(cfg.data, cfg.n_items, cfg.seed, items=items)
 
+    groups = ("forget", "retain") if any(it.op in RETAIN_OPS for it in eval_items) else ("forget",)
+
     def evaluate(m: Any) -> dict:
         acc = accuracy_by_op(m, tokenizer, eval_items)
-        return {"forget": acc["forget"].value, "retain": acc["retain"].value}
+        return {g: acc[g].value for g in groups}
 
     per_lr = []
     for lr in cfg.lrs:

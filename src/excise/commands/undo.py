@@ -25,19 +25,23 @@ def _console():
     return Console()
 
 
-def _items(file: Optional[Path], group: str, n: int, seed: int) -> list:
-    from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, load_items, train_items
+def _items(file: Optional[Path], group: str, n: int, seed: int, pool: str = "train") -> list:
+    """Generated items, or a file's rows (checked as given: no retain row in a forget file) from one pool."""
+    from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, load_items, split_pools, train_items
 
     if file is not None:
-        return load_items(file)
+        return split_pools(load_items(file, group=group if group != "mixed" else None))[pool]
     return train_items({"forget": FORGET_OPS, "retain": RETAIN_OPS, "mixed": OPS}[group], n, seed)
 
 
-def _eval(model, tok, n_per_op: int) -> dict:
+def _eval(model, tok, n_per_op: int, forget_file: Optional[Path] = None, retain_file: Optional[Path] = None) -> dict:
+    """Accuracy on the dev pool: what a hyperparameter sweep may look at (never the test pool)."""
     from excise.measure.arithmetic import accuracy_by_op
     from excise.tasks.arithmetic import OPS, eval_items
 
-    return {k: v.as_dict() for k, v in accuracy_by_op(model, tok, eval_items(OPS, n_per_op)).items()}
+    items = eval_items(OPS, n_per_op, pool="dev") if forget_file is None and retain_file is None else \
+        [it for f, g in ((forget_file, "forget"), (retain_file, "retain")) if f for it in _items(f, g, 0, 0, "dev")]
+    return {k: v.as_dict() for k, v in accuracy_by_op(model, tok, items).items()}
 
 
 def _write(out: Path, model, tok, info: dict) -> None:
@@ -48,6 +52,18 @@ def _write(out: Path, model, tok, info: dict) -> None:
         if hasattr(tok, "save_pretrained"):
             tok.save_pretrained(tmp)
         atomic_write_json(tmp / "excise_undo.json", info)
+
+
+def _check(out: Optional[Path], **counts: int) -> None:
+    """Up-front checks shared by the stage commands: --out can be created, counts are at least 1."""
+    from excise.errors import ExciseError
+    from excise.io import check_out_dir
+
+    for name, n in counts.items():
+        if n < 1:
+            raise ExciseError(f"--{name.replace('_', '-')} must be at least 1, got {n}")
+    if out is not None:
+        check_out_dir(out)
 
 
 def _show(acc: dict) -> str:
@@ -70,9 +86,12 @@ def pretrain(
     from excise.organisms.arithmetic import PretrainConfig
     from excise.organisms.arithmetic import pretrain as _pretrain
 
+    from excise.config import validate
+
+    cfg = validate(PretrainConfig, dict(steps=steps, seed=seed, ops=list(RETAIN_OPS if oracle else OPS)), "command line")
+    _check(out, **({"threads": threads} if threads is not None else {}))
     if threads:
         torch.set_num_threads(threads)
-    cfg = PretrainConfig(steps=steps, seed=seed, ops=list(RETAIN_OPS if oracle else OPS))
     p = _pretrain(cfg, out, name="oracle" if oracle else "base", progress=True)
     info = read_json(p / "pretrain.json")
     _console().print(f"model: {p}\naccuracy: " + ", ".join(f"{k} {v['value']:.3f}" for k, v in info["accuracy"].items()
@@ -88,23 +107,25 @@ def unlearn(
     lr: float = typer.Option(1e-3, help="learning rate"),
     forget_file: Optional[Path] = typer.Option(None, help="JSONL forget items (default: generated mul/div)"),
     retain_file: Optional[Path] = typer.Option(None, help="JSONL retain items (default: generated add/sub)"),
-    eval_n: int = typer.Option(50, help="held-out items per operation for the accuracy printed at the end"),
+    eval_n: int = typer.Option(50, help="dev-pool items per operation for the accuracy printed at the end"),
     seed: int = typer.Option(0, help="seed"),
 ) -> None:
-    """Unlearn the forget operations with one method; saves the model and prints forget / retain accuracy."""
+    """Unlearn the forget operations with one method; saves the model and prints forget / retain accuracy (dev pool)."""
     from excise.config import validate
     from excise.intervene.unlearn_methods import UnlearnConfig, cycle
     from excise.intervene.unlearn_methods import unlearn as _unlearn
     from excise.organisms.arithmetic import load_model
 
     cfg = validate(UnlearnConfig, dict(method=method, steps=steps, lr=lr, seed=seed), "command line")
-    h = load_model(model)
+    _check(out, eval_n=eval_n)
     f = cycle(_items(forget_file, "forget", 2048, seed), seed)
     r = cycle(_items(retain_file, "retain", 2048, seed + 1), seed + 1)
-    log = _unlearn(h.model, h.tokenizer, f, r, cfg, progress=True)
-    acc = _eval(h.model, h.tokenizer, eval_n)
+    h = load_model(model)
+    info: dict = {}
+    log = _unlearn(h.model, h.tokenizer, f, r, cfg, progress=True, info=info)
+    acc = _eval(h.model, h.tokenizer, eval_n, forget_file, retain_file)
     _write(out, h.model, h.tokenizer, {"stage": "unlearn", "from": model, "config": cfg.model_dump(), "steps": len(log),
-                                        "accuracy": acc})
+                                        "accuracy": acc, "pool": "dev", **info})
     _console().print(f"unlearned model: {out}\naccuracy: {_show(acc)}")
 
 
@@ -134,6 +155,11 @@ def noise(
         raise ExciseError(f"unknown --mask-from '{mask_from}'; choose global, paramdiff, fisher or snmf")
     if mask_from != "global" and base is None:
         raise ExciseError(f"--mask-from {mask_from} needs --base (the model before unlearning)")
+    if not 0 < top_p <= 1:
+        raise ExciseError(f"--top-p must be in (0, 1], got {top_p}")
+    if mode not in ("binary", "relative"):
+        raise ExciseError(f"unknown --mode '{mode}'; choose binary or relative")
+    _check(out)
     h = load_model(model)
     mask = None
     if mask_from != "global":
@@ -167,10 +193,10 @@ def distill(
     student: str = typer.Option(..., help="the noised student (output of `excise undo noise`)"),
     out: Path = typer.Option(..., help="directory for the distilled model"),
     max_steps: int = typer.Option(400, help="step budget"),
-    lr: float = typer.Option(2e-3, help="learning rate"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: DistillConfig's, cosine to its min_lr)"),
     forget_file: Optional[Path] = typer.Option(None, help="JSONL forget items (part of the mixed data)"),
-    retain_file: Optional[Path] = typer.Option(None, help="JSONL retain items (mixed data and early stop)"),
-    eval_n: int = typer.Option(50, help="held-out items per operation for the accuracy printed at the end"),
+    retain_file: Optional[Path] = typer.Option(None, help="JSONL retain items (mixed data; its check pool drives early stop)"),
+    eval_n: int = typer.Option(50, help="dev-pool items per operation for the accuracy printed at the end"),
     seed: int = typer.Option(0, help="seed"),
 ) -> None:
     """Distill the teacher's outputs into the student (forward KL, all tokens), early stop on retain accuracy."""
@@ -182,29 +208,24 @@ def distill(
     from excise.tasks.arithmetic import RETAIN_OPS, eval_items
     from excise.organisms.arithmetic import load_model
 
-    cfg = validate(DistillConfig, dict(max_steps=max_steps, lr=lr, seed=seed), "command line")
-    t, s = load_model(teacher), load_model(student)
+    cfg = validate(DistillConfig, dict(max_steps=max_steps, seed=seed, **({"lr": lr} if lr is not None else {})),
+                   "command line")
+    _check(out, eval_n=eval_n)
     mixed = _items(forget_file, "forget", 2048, seed) + _items(retain_file, "retain", 2048, seed + 1) \
         if (forget_file or retain_file) else _items(None, "mixed", 4096, seed)
-    check = load_items_or(retain_file) or eval_items(RETAIN_OPS, cfg.eval_n_per_op, seed=1000)
+    check = _items(retain_file, "retain", 0, 0, "check") if retain_file else \
+        eval_items(RETAIN_OPS, cfg.eval_n_per_op, seed=seed, pool="check")  # early stop: never the test pool
+    t, s = load_model(teacher), load_model(student)
 
     def retain_check(m):
         return accuracy_by_op(m, s.tokenizer, check)["retain"].value
 
     res = _distill(s.model, t.model, s.tokenizer, cycle(mixed, seed), cfg, retain_check=retain_check,
                    teacher_retain=retain_check(t.model), progress=True)
-    acc = _eval(s.model, s.tokenizer, eval_n)
+    acc = _eval(s.model, s.tokenizer, eval_n, forget_file, retain_file)
     _write(out, s.model, s.tokenizer, {"stage": "distill", "teacher": teacher, "student": student, **res, "accuracy": acc})
     _console().print(f"distilled model: {out}; {res['steps']} steps, {res['flops']:.2e} FLOPs, target reached: "
                      f"{res['reached']}\naccuracy: {_show(acc)}")
-
-
-def load_items_or(file: Optional[Path]) -> list:
-    from excise.tasks.arithmetic import load_items
-
-    if file is None:
-        return []
-    return [it for it in load_items(file)][:200]
 
 
 @app.command()
@@ -212,9 +233,9 @@ def relearn(
     model: str = typer.Option(..., help="the model to attack"),
     out: Path = typer.Option(..., help="directory for the attack's curves (relearn.json)"),
     data: str = typer.Option("forget", help="forget (forget-only) or mixed"),
-    lrs: str = typer.Option("1e-3,3e-3", help="comma-separated learning rates"),
-    steps: int = typer.Option(40, help="steps per learning rate"),
-    eval_n: int = typer.Option(30, help="held-out items per operation for the curve"),
+    lrs: Optional[str] = typer.Option(None, help="comma-separated learning rates (default: RelearnConfig's 8, 1e-4 to 1e-2)"),
+    steps: Optional[int] = typer.Option(None, help="steps per learning rate (default: RelearnConfig's)"),
+    eval_n: Optional[int] = typer.Option(None, help="held-out (test-pool) forget items per operation for the curve"),
     forget_file: Optional[Path] = typer.Option(None, help="JSONL forget items for the attack"),
     seed: int = typer.Option(0, help="seed"),
 ) -> None:
@@ -224,17 +245,22 @@ def relearn(
     from excise.config import validate
     from excise.errors import ExciseError
     from excise.io import atomic_write_json
-    from excise.tasks.arithmetic import OPS, eval_items, load_items
+    from excise.tasks.arithmetic import FORGET_OPS, eval_items
     from excise.organisms.arithmetic import load_model
 
     try:
-        lr_list = [float(x) for x in lrs.split(",") if x.strip()]
+        lr_list = [float(x) for x in lrs.split(",") if x.strip()] if lrs is not None else None
     except ValueError:
         raise ExciseError(f"--lrs must be comma-separated numbers, got '{lrs}'") from None
-    cfg = validate(RelearnConfig, dict(data=data, lrs=lr_list, steps=steps, seed=seed, eval_n_per_op=eval_n), "command line")
+    given = {"lrs": lr_list, "steps": steps, "eval_n_per_op": eval_n}
+    cfg = validate(RelearnConfig, dict(data=data, seed=seed, **{k: v for k, v in given.items() if v is not None}),
+                   "command line")
+    _check(out)
+    items = _items(forget_file, "forget", 0, 0) if forget_file else None  # the attacker trains on the train pool
+    held_out = _items(forget_file, "forget", 0, 0, "test") if forget_file else \
+        eval_items(FORGET_OPS, cfg.eval_n_per_op, seed=2000 + seed)
     h = load_model(model)
-    items = load_items(forget_file) if forget_file else None
-    res = _relearn(h.model, h.tokenizer, cfg, eval_items=eval_items(OPS, cfg.eval_n_per_op, seed=2000 + seed), items=items)
+    res = _relearn(h.model, h.tokenizer, cfg, eval_items=held_out, items=items)
     atomic_write_json(out / "relearn.json", res)
     _console().print(f"relearn ({data}): AUC {res['auc']:.3f} (worst lr {res['worst_lr']}), steps to 50%: {res['steps_to_50']}")
 

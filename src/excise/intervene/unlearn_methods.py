@@ -7,13 +7,22 @@ Defaults per method (documented in :class:`UnlearnConfig`) follow the sources na
 :mod:`excise.losses`, scaled to the step counts a small model needs: GradAscent has
 no retain term (it is the naive baseline); GradDiff, MaxEnt and NPO add the retain NLL with
 weight 1 (TOFU / the UNDO paper's MaxEnt); RMU steers one middle layer's residual stream on
-forget tokens to ``c * u`` (c = 6.5 in WMDP for 7B models) and keeps retain activations
-with weight ``alpha`` = 100 (WMDP), updating only that layer's MLP (WMDP's choice).
+forget tokens to ``c * u`` and keeps retain activations with weight ``alpha`` = 100 (WMDP),
+updating only the MLPs of the layers ending there (WMDP's choice).
+
+RMU's scale: WMDP's c = 6.5 was set for Zephyr-7B's residual norms; a fixed c means nothing on
+another model. Unless ``rmu_c`` is given, c = ``rmu_c_factor`` x the mean residual norm at the
+steered layer on the steered forget positions, measured on the unlearning's first forget batch
+before any step (the idea of Adaptive RMU, Dang et al., 2025: scale the target with the
+activations it replaces). With ``loss_on: answer`` RMU steers only the positions that predict
+answer tokens (the last prompt token and the answer tokens but the last), so it does not fight
+the retain term on the word-problem templates forget and retain items share.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -51,7 +60,10 @@ class UnlearnConfig(BaseModel):
     retain_weight: float = Field(1.0, ge=0, description="weight of the retain NLL (GradDiff, MaxEnt, NPO)")
     npo_beta: float = Field(0.1, gt=0, description="NPO inverse temperature beta (Zhang et al., 2024)")
     rmu_layer: int | None = Field(None, description="RMU steering layer (None: the middle layer)")
-    rmu_c: float = Field(6.5, gt=0, description="RMU control-vector scale c (WMDP)")
+    rmu_c: float | None = Field(None, gt=0, description="RMU control-vector scale c (WMDP: 6.5 for Zephyr-7B); None: "
+                                                      "rmu_c_factor x the measured residual norm")
+    rmu_c_factor: float = Field(5.0, gt=0, description="c as a multiple of the mean residual norm at the steered layer "
+                                                       "on the steered forget positions (measured before training)")
     rmu_alpha: float = Field(100.0, ge=0, description="RMU retain-activation weight alpha (WMDP)")
     rmu_n_layers_updated: int = Field(3, ge=1, description="RMU updates the MLPs of this many layers ending at rmu_layer (WMDP: 3)")
     loss_on: Literal["all", "answer"] = Field("all", description="tokens the forget/retain losses count: all, or only the answer")
@@ -89,11 +101,20 @@ def _middle_layer(model: Any) -> int:
     return Anatomy.of(model).n_layers // 2
 
 
+def rmu_positions(batch: dict, loss_on: str) -> torch.Tensor:
+    """The forget positions RMU steers: every real token, or (answer) those whose next token is an answer token."""
+    if loss_on != "answer":
+        return batch["attention_mask"]
+    nxt = batch["labels"][:, 1:] != L.IGNORE  # position t predicts token t + 1
+    return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], 1).to(batch["attention_mask"].dtype)
+
+
 def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[Any] | None, cfg: UnlearnConfig,
-            *, progress: bool = False, checkpoint_dir: str | Path | None = None) -> list[dict]:
+            *, progress: bool = False, checkpoint_dir: str | Path | None = None, info: dict | None = None) -> list[dict]:
     """Unlearn in place; ``forget``/``retain`` are endless item streams (objects with ``prompt`` and ``text``).
 
     Trains through :func:`excise.train.train`; returns its per-step log (step, loss, lr, tokens, seconds).
+    ``info`` (a dict, optional) receives what was measured before training: RMU's residual norm and c.
     """
     torch.manual_seed(cfg.seed)
     needs_retain = cfg.method != "grad_ascent"
@@ -136,10 +157,23 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
             raise ExciseError(f"rmu_layer {layer} out of range 0..{an.n_layers - 1}", where="unlearn:rmu_layer")
         g = torch.Generator().manual_seed(cfg.seed)
         u = torch.rand(an.d_model, generator=g)
-        control = (cfg.rmu_c * u / u.norm()).to(next(model.parameters()).device)
         first = max(0, layer - cfg.rmu_n_layers_updated + 1)
         params = [p for l in range(first, layer + 1) for p in an.mlp(l).parameters()]
         site = f"resid.{layer}"
+        b0 = next(batches)
+        batches = itertools.chain([b0], batches)  # the measured batch is also the first step's
+        device = next(model.parameters()).device
+        with torch.no_grad(), Trace(frozen, [site]) as tf:
+            frozen(input_ids=b0["input_ids"].to(device), attention_mask=b0["attention_mask"].to(device))
+            pos = rmu_positions(b0, cfg.loss_on).to(device).bool()
+            if not pos.any():
+                raise ExciseError("RMU: the first forget batch has no position to steer (empty answers?)")
+            norm = float(tf.cache[site].float().norm(dim=-1)[pos].mean())
+        c = cfg.rmu_c if cfg.rmu_c is not None else cfg.rmu_c_factor * norm
+        if info is not None:
+            info.update({"rmu_layer": layer, "rmu_resid_norm": norm, "rmu_c": c,
+                         "rmu_c_rule": "given" if cfg.rmu_c is not None else f"{cfg.rmu_c_factor:g} x norm"})
+        control = (c * u / u.norm()).to(device)
 
         def loss_fn(m, b):
             with Trace(m, [site], detach=False) as tr:
@@ -150,7 +184,7 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
             with torch.no_grad(), Trace(frozen, [site]) as tf:
                 frozen(input_ids=b["retain_input_ids"], attention_mask=b["retain_attention_mask"])
                 fra = tf.cache[site]
-            return L.rmu(fa, ra, fra, control, alpha=cfg.rmu_alpha, forget_mask=b["attention_mask"],
+            return L.rmu(fa, ra, fra, control, alpha=cfg.rmu_alpha, forget_mask=rmu_positions(b, cfg.loss_on),
                          retain_mask=b["retain_attention_mask"])
 
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)

@@ -43,6 +43,8 @@ def build_report(run: Any, cfg: RobustUnlearnConfig, models: dict, d: Path, base
                 add(name, "distill_steps", undo[name]["distill_steps"])
                 add(name, "distill_flops", undo[name]["distill_flops"])
                 add(name, "reached", 1.0 if undo[name]["reached"] else 0.0)
+                add(name, "retain_after_noise", undo[name]["after_noise"]["retain"]["value"])
+                add(name, "forget_after_noise", undo[name]["after_noise"]["forget"]["value"])
             add(name, "forget", acc["forget"]["value"])
             add(name, "retain", acc["retain"]["value"])
             add(name, "auc", rel[name]["auc"])
@@ -51,7 +53,8 @@ def build_report(run: Any, cfg: RobustUnlearnConfig, models: dict, d: Path, base
     rows = []
     for name, vals in per.items():
         row: dict[str, Any] = {"model": name, "kind": kinds.get(name, ""), "n_seeds": len(vals["forget"])}
-        for key in ("forget", "retain", "auc", "steps_to_50", "distill_steps", "distill_flops"):
+        for key in ("forget", "retain", "auc", "steps_to_50", "distill_steps", "distill_flops", "retain_after_noise",
+                    "forget_after_noise"):
             e = mean_ci(vals.get(key, []))
             row[key] = e.value
             row[f"{key}_lo"] = e.lo
@@ -66,7 +69,8 @@ def build_report(run: Any, cfg: RobustUnlearnConfig, models: dict, d: Path, base
     verdict = _verdict(rows)
     atomic_write_json(d / "comparison.json", {"rows": rows, "verdict": verdict, "base_retain": base_retain,
                                               "seeds": cfg.seeds})
-    atomic_write_text(d / "comparison.md", _markdown(rows, verdict, cfg, base_retain))
+    dist = _distill_curves(run, cfg, d)
+    atomic_write_text(d / "comparison.md", _markdown(rows, verdict, cfg, base_retain) + (_curve_table(dist) if dist else ""))
     pts = [r for r in rows if r["kind"] not in ("base",)]
     scatter_errorbars(
         [r["distill_flops"] for r in pts], [r["auc"] for r in pts],
@@ -85,7 +89,40 @@ def build_report(run: Any, cfg: RobustUnlearnConfig, models: dict, d: Path, base
     series = {n: (sorted(c), [sum(c[s]) / len(c[s]) for s in sorted(c)]) for n, c in curves.items()}
     lines(series, d / "relearn_curves.png", xlabel="relearning steps", ylabel="forget accuracy",
           title=f"relearning attack ({cfg.relearn.data} data, worst-case lr; mean over {len(cfg.seeds)} seed(s))")
-    return {"n_models": len(rows), "verdict": verdict, "rows": rows}
+    return {"n_models": len(rows), "verdict": verdict, "rows": rows, "distill_curves": dist}
+
+
+def _distill_curves(run: Any, cfg: RobustUnlearnConfig, d: Path) -> dict:
+    """Distillation curves per UNDO variant, mean over seeds: KL loss, retain and forget accuracy (check pool)."""
+    acc: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for seed in cfg.seeds:
+        for name, r in read_json(run.stage_dir(f"seed{seed}-undo") / "metrics.json").items():
+            for pt in r.get("distill_curve", []):
+                for key in ("loss", "retain", "forget"):
+                    if pt.get(key) is not None:
+                        acc.setdefault(name, {}).setdefault(key, {}).setdefault(pt["step"], []).append(float(pt[key]))
+    out = {n: {k: {s: sum(v) / len(v) for s, v in sorted(c.items())} for k, c in keys.items()} for n, keys in acc.items()}
+    if not out:
+        return {}
+    lines({f"{n} {k}": (list(c[k]), list(c[k].values())) for n, c in out.items() for k in ("retain", "forget") if k in c},
+          d / "distill_accuracy.png", xlabel="distillation steps", ylabel="accuracy (early-stop pool)",
+          title=f"UNDO distillation: retain and forget accuracy (mean over {len(cfg.seeds)} seed(s))")
+    loss = {n: (list(c["loss"]), list(c["loss"].values())) for n, c in out.items() if c.get("loss")}
+    if loss:
+        lines(loss, d / "distill_loss.png", xlabel="distillation steps", ylabel="KL(teacher || student), mean since last point",
+              title="UNDO distillation loss")
+    return out
+
+
+def _curve_table(curves: dict) -> str:
+    out = ["", "## Distillation curves (early-stop pool; mean over seeds)", "",
+           "Retain / forget accuracy and mean KL since the previous point, by distillation step.", "",
+           "| variant | step | retain | forget | KL |", "|---|---|---|---|---|"]
+    for name, c in curves.items():
+        for step in sorted(set().union(*[set(v) for v in c.values()])):
+            cell = [f"{c[k][step]:.3f}" if step in c.get(k, {}) else "n/a" for k in ("retain", "forget", "loss")]
+            out.append(f"| {name} | {step} | {' | '.join(cell)} |")
+    return "\n".join(out) + "\n"
 
 
 def _verdict(rows: list[dict]) -> dict:
@@ -139,10 +176,11 @@ def _markdown(rows: list[dict], verdict: dict, cfg: RobustUnlearnConfig, base_re
            f"({cfg.relearn.data} data, lrs {cfg.relearn.lrs}, {cfg.relearn.steps} steps; worst case over lrs). "
            "steps_to_50: first step with forget accuracy >= 0.5 (n/a: never within the attack). "
            f"Targets: forget <= 0.05 and retain >= 0.9 x base ({0.9 * base_retain:.3f}).", "",
-           "| model | kind | forget | retain | relearn AUC | steps to 50% | attacks reaching 50% | distill steps | distill FLOPs | meets targets |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "retain after noise: the UNDO student right after noising, before distillation.", "",
+           "| model | kind | forget | retain | retain after noise | relearn AUC | steps to 50% | attacks reaching 50% | distill steps | distill FLOPs | meets targets |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['kind']} | {_fmt(r, 'forget')} | {_fmt(r, 'retain')} | {_fmt(r, 'auc')} | "
+        out.append(f"| {r['model']} | {r['kind']} | {_fmt(r, 'forget')} | {_fmt(r, 'retain')} | {_fmt(r, 'retain_after_noise')} | {_fmt(r, 'auc')} | "
                    f"{_fmt(r, 'steps_to_50')} | {r['attack_reached_50_fraction']:.2f} | {_fmt(r, 'distill_steps')} | "
                    f"{_fmt(r, 'distill_flops')} | {'yes' if r['meets_targets'] else 'no'} |")
     out += ["", "## Does targeted noise reach global UNDO's robustness with less distillation compute?", ""]

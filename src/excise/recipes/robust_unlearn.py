@@ -47,7 +47,7 @@ from excise.recipes.robust_report import build_report
 from excise.report.html import end_of_run
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
-from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, eval_items, is_eval_string, load_items, train_stream
+from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, eval_items, load_items, split_pools, train_stream
 
 __all__ = ["RobustUnlearnConfig", "run_robust_unlearn", "run_recipe"]
 
@@ -59,20 +59,26 @@ def evaluate(model: Any, tokenizer: Any, items: list) -> dict:
 
 
 class Data:
-    """Forget / retain item sources: the packaged generator, or a user's JSONL files."""
+    """Forget / retain item sources: the packaged generator, or a user's JSONL files.
+
+    Items come from disjoint pools (:data:`excise.tasks.arithmetic.POOLS`): training streams from
+    ``train``, the distillation early stop from ``check``, every reported number from ``test``.
+    """
 
     def __init__(self, cfg: RobustUnlearnConfig):
         self.files = bool(cfg.forget_file or cfg.retain_file)
         if self.files:
             if not (cfg.forget_file and cfg.retain_file):
                 raise ExciseError("give both forget_file and retain_file (or neither)", where="config:forget_file")
-            f = load_items(cfg.forget_file)
-            r = load_items(cfg.retain_file)
-            # relabel so the forget/retain groups are what the files say
+            # rows are checked as given (a retain row in the forget file fails with file:line:op), then
+            # ops the task does not know ("custom") are grouped by the file they came from
+            f = load_items(cfg.forget_file, group="forget")
+            r = load_items(cfg.retain_file, group="retain")
             f = [Item(it.prompt, it.answer, it.op if it.op in FORGET_OPS else "mul", it.kind) for it in f]
             r = [Item(it.prompt, it.answer, it.op if it.op in RETAIN_OPS else "add", it.kind) for it in r]
-            self.f_train, self.f_eval = _split(f)
-            self.r_train, self.r_eval = _split(r)
+            fp, rp = split_pools(f), split_pools(r)
+            self.pools = {k: fp[k] + rp[k] for k in fp}
+            self.f_train, self.r_train = fp["train"], rp["train"]
         self.cfg = cfg
 
     def stream(self, group: str, seed: int):
@@ -85,19 +91,10 @@ class Data:
         s = self.stream(group, seed)
         return [next(s) for _ in range(n)]
 
-    def eval(self, n_per_op: int, seed: int = 0, ops: tuple[str, ...] | None = None) -> list:
+    def eval(self, n_per_op: int, seed: int = 0, ops: tuple[str, ...] | None = None, pool: str = "test") -> list:
         if self.files:
-            items = self.f_eval + self.r_eval
-            return [it for it in items if ops is None or it.op in ops]
-        return eval_items(ops or OPS, n_per_op, seed=seed)
-
-
-def _split(items: list) -> tuple[list, list]:
-    ev = [it for it in items if is_eval_string(it.prompt)]
-    tr = [it for it in items if not is_eval_string(it.prompt)]
-    if not ev or not tr:  # tiny files: hold out every fifth item
-        ev, tr = items[::5], [it for i, it in enumerate(items) if i % 5]
-    return tr, ev
+            return [it for it in self.pools[pool] if ops is None or it.op in ops]
+        return eval_items(ops or OPS, n_per_op, seed=seed, pool=pool)
 
 
 def _save(model: Any, tokenizer: Any, d: Path) -> None:
@@ -167,11 +164,12 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
                 m = copy.deepcopy(base.model)
                 mc = mc.model_copy(update={"seed": seed})
                 t0 = time.time()
-                log = unlearn(m, tok, data.stream("forget", seed), data.stream("retain", seed + 1), mc)
+                info: dict = {}
+                log = unlearn(m, tok, data.stream("forget", seed), data.stream("retain", seed + 1), mc, info=info)
                 acc = evaluate(m, tok, ev)
                 _save(m, tok, d / name)
                 rows[name] = {"kind": "unlearn", "steps": len(log), "tokens": sum(r["tokens"] for r in log),
-                              "seconds": round(time.time() - t0, 1), "accuracy": acc}
+                              "seconds": round(time.time() - t0, 1), "accuracy": acc, **info}
                 say(f"seed {seed} {name}: forget {acc['forget']['value']:.3f} retain {acc['retain']['value']:.3f}")
             return rows
 
@@ -180,10 +178,13 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
         # -- UNDO
         def stage_undo(d: Path, seed=seed) -> dict:
             teacher = _load(run.stage_dir(f"seed{seed}-unlearn") / cfg.undo_from)
-            check_items = data.eval(cfg.distill.eval_n_per_op, seed=1000 + seed, ops=("add", "sub"))
+            check_items = data.eval(cfg.distill.eval_n_per_op, seed=seed, pool="check")  # never the test pool
 
             def retain_check(m):
-                return accuracy_by_op(m, tok, check_items)["retain"].value
+                return accuracy_by_op(m, tok, [it for it in check_items if it.op in RETAIN_OPS])["retain"].value
+
+            def forget_check(m):
+                return accuracy_by_op(m, tok, [it for it in check_items if it.op in FORGET_OPS])["forget"].value
 
             teacher_retain = retain_check(teacher.model)
             f_items = data.train("forget", cfg.localize_n, 20_000 + seed)
@@ -194,7 +195,8 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
                     sc = param_diff_scores(base.model, teacher.model)
                     mask = param_masks(sc, top_p=t.top_p, mode=t.mode)
                 elif t.localizer == "fisher":
-                    sc = fisher_scores(copy.deepcopy(base.model), tok, f_items)
+                    sc = fisher_scores(copy.deepcopy(base.model), tok, f_items, loss_on="answer", retain_items=r_items,
+                                       retain_weight=t.retain_weight)
                     mask = param_masks(sc, top_p=t.top_p, mode=t.mode)
                 else:
                     sc = snmf_scores(base, tok, f_items, r_items, cfg.snmf.model_copy(update={"seed": seed}))
@@ -210,7 +212,7 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
                 after_noise = evaluate(student, tok, ev)
                 dc = cfg.distill.model_copy(update={"seed": seed})
                 res = distill(student, teacher.model, tok, data.stream("mixed", 40_000 + seed), dc,
-                              retain_check=retain_check, teacher_retain=teacher_retain)
+                              retain_check=retain_check, teacher_retain=teacher_retain, forget_check=forget_check)
                 acc = evaluate(student, tok, ev)
                 _save(student, tok, d / name)
                 rows[name] = {"kind": "undo-targeted" if mask is not None else "undo-global", "alpha": alpha,
@@ -226,7 +228,7 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
         # -- relearning
         def stage_relearn(d: Path, seed=seed) -> dict:
             rc = cfg.relearn.model_copy(update={"seed": seed})
-            r_eval = data.eval(rc.eval_n_per_op, seed=2000 + seed)
+            r_eval = data.eval(rc.eval_n_per_op, seed=2000 + seed, ops=FORGET_OPS)  # held-out forget items (test pool)
             attack = data.train("forget", rc.n_items, 50_000 + seed) if data.files else None
             paths = {"base": Path(models["base"]["path"])}
             if "oracle" in models:
