@@ -32,14 +32,26 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def _bbq_subset(src: Path, dst: Path, every: int = 25) -> None:
+def _bbq_subset(src: Path, dst: Path, every: int = 100, block: int = 8) -> None:
+    """The first ``block`` rows of every ``every``: a few templates with their ambiguous/disambiguated pairs."""
     lines = src.read_text(encoding="utf-8").splitlines()
-    dst.write_text("\n".join(lines[::every]) + "\n", encoding="utf-8")
+    dst.write_text("\n".join(x for i in range(0, len(lines), every) for x in lines[i:i + block]) + "\n",
+                   encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """The workspace: tiny models (good and broken), tiny data (good and broken), a file to nest --out under."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # as `excise` does when stderr is not a terminal
+    yield _workspace(tmp_path_factory)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+def _workspace(tmp_path_factory) -> Path:
     from excise.tasks.bbq import packaged_bbq_dir
     from excise.testing import save_tiny
 
@@ -133,7 +145,11 @@ def ws(tmp_path_factory):
         "undo_from": "workflow: undo\nmodel: {W}/tiny\nundo_from: nosuch\n",
         "undo_eval": "workflow: undo\nmodel: {W}/tiny\neval_n_per_op: 0\n",
         "undo_model": "workflow: undo\nmodel: {W}/truncweights\n",
-        "pipeline_loc": "workflow: pipeline\nmodel: {W}/tiny\nstages: [{{locate: {{method: nope}}}}]\n",
+        "pipeline_loc": "workflow: pipeline\nmodel: {W}/tiny\ntask: {{name: bbq, categories: [Age]}}\n"
+                        "stages: [{{locate: {{method: nope}}}}]\n",
+        "pipeline_k": "workflow: pipeline\nmodel: {W}/tiny\ntask: {{name: bbq, categories: [Age]}}\n"
+                      "stages:\n  - measure: {{}}\n  - select: {{method: topk, k: 0}}\n",
+        "pipeline_task": "workflow: pipeline\nmodel: {W}/tiny\ntask: {{name: wino}}\nstages: [{{measure: {{}}}}]\n",
         "fair_model": "workflow: fair\nmodel: {W}/badcfg\n",
         "fair_lambda": "workflow: fair\nmodel: {W}/bert\nfair:\n  epochs: 1\n",
         "fair_user": "workflow: fair\nmodel: {W}/bert\ndata: user\nuser_data:\n  path: {W}/nosuch.csv\n",
@@ -205,9 +221,10 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
         add(f"{cid}-seed-neg", base + ["--seed", "-7"], "seed")
         add(f"{cid}-seed-big", base + ["--seed", str(2 ** 32 + 1)], "seed")
     add("pretrain-seed-neg", ["undo", "pretrain", "--seed", "-7", *out], "seed")
-    for cid, base in (("eval", bbq_eval), ("inspect", insp), ("probe", probe), ("localize", loc)):
+    for cid, base in (("eval", bbq_eval), ("inspect", insp), ("probe", probe)):
         add(f"{cid}-device", base + ["--device", "tpu9"], "tpu9")
         add(f"{cid}-device-cuda", base + ["--device", "cuda:7"], "cuda")
+    add("localize-device", loc + ["--set", "device=tpu9"], "tpu9")
     add("concept-localize-device", ["concept", "localize", "--model", T, "--device", "tpu9", *out], "tpu9")
     for cid, base in (("eval", bbq_eval), ("inspect", insp)):
         add(f"{cid}-dtype", base + ["--dtype", "float8"], "float8")
@@ -228,7 +245,7 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
     add("localize-pairs-1", loc + ["--pairs-per-category", "1"], "pairs_per_category")
     add("localize-per-category", loc + ["--per-category", "0"], "per_category")
     add("localize-scale", loc + ["--head-scale", "1.5"], "head_scale")
-    add("localize-steps", loc + ["--steps", "0"], "steps")
+    add("localize-steps", loc + ["--steps", "-1"], "steps")
     add("localize-method", loc + ["--method", "magic"], "method")
     add("localize-split", loc + ["--split-by", "sentences"], "split_by")
     add("localize-set-unknown", loc + ["--set", "nosuch=1"], "nosuch")
@@ -284,7 +301,7 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
     add("noise-top-p", ["undo", "noise", "--model", T, "--top-p", "0", "--mask-from", "paramdiff", "--base", T, *out],
         "top")
     add("noise-model", ["undo", "noise", "--model", "{W}/badweights", *out], "model.safetensors")
-    add("distill-steps", ["undo", "distill", "--teacher", T, "--student", T, "--max-steps", "0", *out], "max_steps")
+    add("distill-steps", ["undo", "distill", "--teacher", T, "--student", T, "--max-steps", "-1", *out], "max_steps")
     add("distill-eval", ["undo", "distill", "--teacher", T, "--student", T, "--eval-n", "0", *out], "eval")
     add("distill-student", ["undo", "distill", "--teacher", T, "--student", "{W}/nosuch", *out], "nosuch")
     add("relearn-lrs", ["undo", "relearn", "--model", T, "--lrs", "fast", *out], "--lrs")
@@ -356,9 +373,9 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
         "concept_model": "badcfg/config.json", "undo_alpha": "undo_alpha.yaml:3:alphas",
         "undo_alpha0": "undo_alpha0.yaml:3:alphas", "undo_seeds": "undo_seeds.yaml:3:seeds",
         "undo_seed_neg": "undo_seed_neg.yaml:3:seeds", "undo_forget": "nosuch.jsonl", "undo_forget_bin": "binary.jsonl",
-        "undo_forget_only": "undo_forget_only.yaml:3:forget_file", "undo_from": "undo_from.yaml:3:undo_from",
+        "undo_forget_only": "retain_file", "undo_from": "undo_from.yaml:3:undo_from",
         "undo_eval": "undo_eval.yaml:3:eval_n_per_op", "undo_model": "model.safetensors",
-        "pipeline_loc": "nope", "fair_model": "badcfg/config.json", "fair_lambda": "fair_lambda.yaml",
+        "pipeline_loc": "nope", "pipeline_k": "pipeline_k.yaml:6:stages.1.select", "pipeline_task": "pipeline_task.yaml", "fair_model": "badcfg/config.json", "fair_lambda": "fair_lambda.yaml",
         "fair_user": "nosuch.csv", "fair_user_bin": "table_bin.csv", "fair_user_empty": "table_empty.csv",
         "fair_nboot": "fair_nboot.yaml:3:n_boot", "fair_device": "fair_device.yaml:3:device",
         "captions_langs": "captions_langs.yaml:2:langs", "captions_nolangs": "captions_nolangs.yaml",
@@ -404,7 +421,11 @@ def test_bad_input(ws, cid, argv, needles, capsys, monkeypatch):
     argv = [a.replace("{W}", str(ws)) for a in argv]
     before = _snapshot(ws)
     capsys.readouterr()
-    code = _main(argv)
+    code, after = 1, None
+    try:
+        code = _main(argv)
+    finally:
+        after = _remove_new(ws, before)  # a failing case must not spoil the next one
     cap = capsys.readouterr()
     lines = cap.err.strip().splitlines()
     assert code == 2, (code, cap.err[-3000:], cap.out[-500:])
@@ -412,8 +433,19 @@ def test_bad_input(ws, cid, argv, needles, capsys, monkeypatch):
     assert lines[0].startswith("error: "), lines[0]
     for n in needles:
         assert n.replace("{W}", str(ws)) in lines[0], (n, lines[0])
-    after = _snapshot(ws)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+
+
+def _remove_new(root: Path, before: dict[str, str]) -> dict[str, str]:
+    """Delete what a case added under ``root``; returns the snapshot taken before deleting."""
+    now = _snapshot(root)
+    for rel in sorted(set(now) - set(before), key=len):
+        p = root / rel
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+    return now
 
 
 # ---- the real entry point, in a subprocess

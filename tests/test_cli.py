@@ -61,6 +61,19 @@ def test_models_lists_both_defaults(tmp_path):
     assert _listing(tmp_path) == set()
 
 
+def test_models_piped_is_plain_and_json(tmp_path):
+    """Not a terminal: tab-separated, nothing truncated; --json: a list scripts can read."""
+    import json
+
+    r = _cli(["models"], tmp_path)
+    lines = r.stdout.splitlines()
+    assert lines[0].split("\t") == ["name", "kind", "hub_id", "status"] and "…" not in r.stdout
+    assert {ln.split("\t")[0] for ln in lines[1:]} == {"smollm2-135m-instruct", "minilm-l6"}
+    r = _cli(["models", "--json"], tmp_path)
+    assert r.returncode == 0 and {m["name"] for m in json.loads(r.stdout)} == {"smollm2-135m-instruct", "minilm-l6"}
+    assert r.stderr == ""
+
+
 def test_unknown_model_offline_writes_nothing(tmp_path):
     r = _cli(["inspect", "--model", "nosuch/model", "--out", "X"], tmp_path)
     _assert_one_line_error(r, "nosuch/model")
@@ -131,10 +144,10 @@ def test_unsupported_architecture_dir(tmp_path):
     assert _listing(tmp_path) == before
 
 
-@pytest.mark.parametrize("args", [["nosuchcommand"], ["inspect", "--nosuchflag"]])
-def test_usage_errors_exit_2(tmp_path, args):
-    r = _cli(args, tmp_path)
-    assert r.returncode == 2 and "Usage" in r.stderr
+@pytest.mark.parametrize("args, needle", [(["nosuchcommand"], "'excise --help'"),
+                                          (["inspect", "--nosuchflag"], "'excise inspect --help'")])
+def test_usage_errors_exit_2(tmp_path, args, needle):
+    _assert_one_line_error(_cli(args, tmp_path), needle)
 
 
 def test_bbq_bad_split_writes_nothing(tmp_path):
@@ -155,3 +168,35 @@ def test_dotted_overrides_are_validated(tmp_path, args, needles):
     r = _cli([*args, "--out", str(tmp_path / "out")], cwd=tmp_path)
     _assert_one_line_error(r, *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = _cli(["inspect", "--n-prompts", "0", "--out", "X", "--debug"], tmp_path)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ExciseError" in r.stderr
+    assert _listing(tmp_path) == set()
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    from excise.cli import main
+    from excise.models import defaults
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(defaults, "status", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["models"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_internal_error_keeps_its_traceback(monkeypatch):
+    """A real bug is not dressed up as bad input: it propagates (exit 1, with a traceback)."""
+    from excise.cli import main
+    from excise.models import defaults
+
+    def bug(name):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(defaults, "status", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["models"])

@@ -262,6 +262,10 @@ def test_concept_and_undo_reports(concept_run, undo_run):
     assert re.search(r'class="status">met</span> undo-global-a0.5: forget', html)
     assert re.search(r'class="status">not met</span> undo-fisher-a0.8', html)
     assert table_by_caption(page, "Accuracy by operation")["body_rows"] == 1
+    (undo_run / "config.json").write_text(json.dumps({"workflow": "inspect", "model": "m"}))  # no verdict hook
+    html = render([undo_run])
+    check_page(html, [undo_run])
+    assert "No verdict for workflow &#39;inspect&#39;" in html
 
 
 def test_compare_two_runs(runs, tmp_path):

@@ -44,19 +44,28 @@ def _console():
 
 
 @app.command()
-def models() -> None:
+def models(as_json: bool = typer.Option(False, "--json", help="a JSON list of {name, kind, hub_id, status}, for scripts")) -> None:
     """List the embedded default models and whether each is ready offline."""
-    from rich.table import Table
+    import json
 
     from excise.models.defaults import DEFAULTS, status
 
+    rows = [{"name": name, "kind": d.kind, "hub_id": d.hub_id, "status": status(name)} for name, d in DEFAULTS.items()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not sys.stdout.isatty():  # a pipe or a file: plain tab-separated text, never truncated to a width
+        print("\t".join(rows[0]))
+        for r in rows:
+            print("\t".join(r.values()))
+        return
+    from rich.table import Table
+
     t = Table(title="embedded defaults")
-    t.add_column("name")
-    t.add_column("kind")
-    t.add_column("hub id")
-    t.add_column("status")
-    for name, d in DEFAULTS.items():
-        t.add_row(name, d.kind, d.hub_id, status(name))
+    for col in ("name", "kind", "hub id", "status"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(*r.values())
     _console().print(t)
 
 
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                            "sklearn", "fairlearn", "pydantic"):
                 warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
         warnings.filterwarnings("ignore", message=r".*requires? torchvision.*")
+    if not sys.stderr.isatty():  # a log file or a pipe: no library progress bars (excise's own stay)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     def fail(message: str, code: int) -> None:
         print(" ".join(f"error: {message}".split()), file=sys.stderr)  # one line, whatever the message holds
@@ -220,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"{e.format_message()} (see '{ctx.command_path if ctx else 'excise'} --help')", 2)  # type: ignore[attr-defined]
         if "ClickException" in kinds:
             fail(e.format_message(), 2)  # type: ignore[attr-defined]
+        if type(e).__name__ == "ValidationError" and hasattr(e, "errors"):  # a config built without config.validate
+            err = e.errors()[0]  # type: ignore[attr-defined]
+            fail(f"{'.'.join(str(p) for p in err.get('loc', ())) or 'settings'}: {err.get('msg', 'invalid value')}", 2)
         if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
             fail(f"out of memory ({_first(e)}); try a smaller --batch-size or another --device", 2)
         raise

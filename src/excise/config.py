@@ -2,12 +2,74 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator
 
 from excise.errors import ExciseError
 
 T = TypeVar("T")
+
+
+SEED_MAX = 2**31 - 1  # numpy takes seeds below 2**32; workflows derive others as seed + offset
+DEVICE = re.compile(r"^(cpu|mps|meta|(cuda|xpu|npu|hpu)(:\d+)?)$")
+
+
+def check_device(device: str) -> str:
+    """A device string torch understands (cpu, cuda, cuda:1, mps, ...), checked without importing torch."""
+    if not isinstance(device, str) or not DEVICE.match(device.strip()):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+    return device.strip()
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+
+
+def _check_seeds(data: Any, loc: tuple = ()) -> tuple[tuple, str] | None:
+    """(location, message) of the first setting named ``seed``/``seeds`` outside [0, SEED_MAX], else None.
+
+    One rule for every config, so a seed numpy would refuse mid-run is refused before anything starts.
+    """
+    def bad(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= SEED_MAX
+
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if str(k).endswith("seed") and bad(v):
+                return loc + (k,), f"a seed must be between 0 and {SEED_MAX}, got {v}"
+            if str(k).endswith("seeds") and isinstance(v, list):
+                for i, x in enumerate(v):
+                    if bad(x):
+                        return loc + (k, i), f"a seed must be between 0 and {SEED_MAX}, got {x}"
+            found = _check_seeds(v, loc + (k,))
+            if found:
+                return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _check_seeds(v, loc + (i,))
+            if found:
+                return found
+    return None
+
+
+def setting_error(source: str | Path, loc: tuple, msg: str) -> ExciseError:
+    """An ExciseError naming ``source:line:field`` of a setting (the line when ``source`` is a YAML file), for
+    checks a config cannot make alone (e.g. ``select.k`` against the number of heads of the loaded model)."""
+    path, prefix = _split_source(source)
+    loc = prefix + tuple(loc)
+    field = ".".join(str(p) for p in loc) or "?"
+    line = _yaml_line(path, loc)
+    return ExciseError(msg, where=f"{path}:{line}:{field}" if line else f"{path}:{field}")
+
+
+def _split_source(source: str | Path) -> tuple[str, tuple]:
+    """``recipe.yaml:stages.1.select`` (a YAML file and where inside it) -> (path, ('stages', 1, 'select'))."""
+    m = re.match(r"^(.*?\.ya?ml):([A-Za-z_][\w.]*)$", str(source))
+    if not m:
+        return str(source), ()
+    return m.group(1), tuple(int(p) if p.isdigit() else p for p in m.group(2).split("."))
 
 
 def validate(model_cls: type[T], data: Any, source: str | Path = "config") -> T:
@@ -15,17 +77,19 @@ def validate(model_cls: type[T], data: Any, source: str | Path = "config") -> T:
 
     if not isinstance(data, dict):
         raise ExciseError(f"expected a mapping of settings, got {type(data).__name__}", where=str(source))
+    bad_seed = _check_seeds(data)
+    if bad_seed:
+        raise setting_error(source, *bad_seed)
     try:
         return model_cls.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err.get("loc", ()))
-        field = ".".join(str(p) for p in loc) or "?"
-        msg = err.get("msg", "invalid value")
+        msg = " ".join(str(err.get("msg", "invalid value")).split())  # one line, whatever the validator wrote
+        msg = msg.removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown setting"
-        line = _yaml_line(source, loc)
-        raise ExciseError(msg, where=f"{source}:{line}:{field}" if line else f"{source}:{field}") from None
+        raise setting_error(source, loc, msg) from None
 
 
 def _yaml_line(source: str | Path, loc: tuple) -> int | None:

@@ -124,13 +124,31 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
+def check_out_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Refuse an output directory that cannot be created: it, or a folder above it, is a file.
+
+    Called before any work starts, so a bad ``--out`` fails at once instead of after a long run.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ExciseError(f"{what} {path} is a file, not a directory; choose another --out")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExciseError(f"{what} {path} is under {parent}, which is a file; choose another --out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ExciseError(f"{what} {path}: cannot write in {parent} (permission denied)")
+            break
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it into place only on success.
 
     If the body raises, the temporary directory is removed and ``path`` is untouched.
     """
-    path = Path(path)
+    path = check_out_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -165,8 +183,14 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
         raise ExciseError("file not found", where=str(path))
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if not path.is_file():
+        raise ExciseError("not a file (a JSONL file is expected)", where=str(path))
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ExciseError("not UTF-8 text (a binary file?)", where=where(path, lineno)) from None
             if not line.strip():
                 continue
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Mapping, TypeVar
 
-from excise.config import validate
+from excise.config import setting_error, validate
 from excise.errors import ExciseError
 
 T = TypeVar("T")
@@ -40,6 +40,9 @@ class Registry(Generic[T]):
         return self._classes[name]
 
     def build(self, name: str, settings: Mapping[str, Any] | None = None, source: str = "config") -> T:
+        if name not in self._classes:  # name the recipe line of the unknown name
+            raise setting_error(source, ("method" if self.kind != "task" else "name",),
+                                f"unknown {self.kind} '{name}'; choose one of {', '.join(self.names())}")
         cls = self.get(name)
         cfg = validate(cls.Config, dict(settings or {}), source)  # type: ignore[attr-defined]
         return cls(cfg)  # type: ignore[call-arg]

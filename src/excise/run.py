@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from excise.errors import ExciseError
-from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, read_json
+from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, check_out_dir, read_json
 
 
 def seed_everything(seed: int) -> None:
@@ -142,8 +142,7 @@ class Run:
         self.config = json.loads(json.dumps(_nan_to_none(dict(config)), default=str))
         self._clear_first = False
         cfg_path = self.dir / self.CONFIG
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ExciseError(f"output path {self.dir} is a file, not a directory; choose another --out")
+        check_out_dir(self.dir)
         if self.dir.exists() and any(self.dir.iterdir()):
             if not cfg_path.exists():
                 if not force:
@@ -178,6 +177,8 @@ class Run:
         if self._clear_first and self.dir.exists():
             shutil.rmtree(self.dir)
         self._clear_first = False
+        missing = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
+        self._created = {"dir": missing[-1] if missing else None}  # the topmost folder start() makes
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / self.CONFIG, self.config)
         atomic_write_json(self.dir / "run.json", {
@@ -187,6 +188,16 @@ class Run:
             "stages": {}})
         self._started = True
         return self
+
+    def _unstart(self) -> None:
+        """Undo :meth:`start` (the directory if it made it, else the two files it wrote)."""
+        if self._created.get("dir") is not None:
+            shutil.rmtree(self._created["dir"], ignore_errors=True)
+        else:
+            for f in (self.CONFIG, "run.json"):
+                (self.dir / f).unlink(missing_ok=True)
+            shutil.rmtree(self.dir / ".checkpoints", ignore_errors=True)
+        self._started = False
 
     def stage_dir(self, name: str) -> Path:
         return self.dir / name
@@ -212,15 +223,21 @@ class Run:
             if not isinstance(info, dict) or info.get("status") != "done":
                 raise ExciseError(f"corrupt run directory: {final / 'stage.json'} has no status 'done'; pass --force")
             return StageResult(name, final, metrics, skipped=True)
+        first = not self._started
         self.start()
         t0, c0 = time.time(), time.process_time()
-        with atomic_dir(final) as tmp:
-            metrics = fn(tmp)
-            if metrics is not None:
-                write_metrics(tmp, metrics)
-            timing = {"seconds": round(time.time() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
-                      "torch_threads": _torch_threads()}
-            atomic_write_json(tmp / "stage.json", {"status": "done", **timing})
+        try:
+            with atomic_dir(final) as tmp:
+                metrics = fn(tmp)
+                if metrics is not None:
+                    write_metrics(tmp, metrics)
+                timing = {"seconds": round(time.time() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
+                          "torch_threads": _torch_threads()}
+                atomic_write_json(tmp / "stage.json", {"status": "done", **timing})
+        except ExciseError:
+            if first:  # bad input found inside the first stage: leave no half-started run behind
+                self._unstart()
+            raise
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
         self._record_stage(name, timing)
         return StageResult(name, final, metrics, skipped=False)

@@ -22,10 +22,16 @@ def _console():
     return Console()
 
 
-def _split_categories(categories: str) -> list[str] | None:
-    if categories.strip().lower() in ("", "all"):
+def _split_categories(categories: str | None) -> list[str] | None:
+    """``--categories``: None or 'all' -> None (every category); anything else must name at least one."""
+    if categories is None or categories.strip().lower() == "all":
         return None
-    return [c.strip() for c in categories.split(",") if c.strip()]
+    cats = [c.strip() for c in categories.split(",") if c.strip()]
+    if not cats:
+        from excise.errors import ExciseError
+
+        raise ExciseError(f"--categories {categories!r} names no category; give e.g. Age,SES or 'all'")
+    return cats
 
 
 @app.command("eval")
@@ -59,9 +65,6 @@ def eval_(
     if cats is not None:
         data["categories"] = cats
     cfg = validate(BBQEvalConfig, data, "command line")
-    from excise.tasks.bbq import _check_categories
-
-    _check_categories(cfg.categories)
     con = _console()
     res = run_eval(cfg, out, force=force, console=con)
     con.print(f"bbq eval {'already done (resumed)' if res['skipped'] else 'done'}: {res['dir']}")
@@ -71,8 +74,8 @@ def eval_(
 def score(
     predictions: Path = typer.Argument(..., help="JSONL rows with the BBQ fields plus 'pred' (0-2) or a text answer"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: <predictions>_scores next to the file)"),
-    n_boot: int = typer.Option(1000, help="bootstrap resamples for CIs"),
-    seed: int = typer.Option(0, help="bootstrap seed"),
+    n_boot: int = typer.Option(1000, min=10, help="bootstrap resamples for CIs"),
+    seed: int = typer.Option(0, min=0, max=2**31 - 1, help="bootstrap seed"),
     strict: bool = typer.Option(False, "--strict", help="match text answers only by the BBQ authors' rules (no letters)"),
     data_dir: Optional[Path] = typer.Option(None, help="BBQ data directory for additional_metadata.csv (default: packaged)"),
 ) -> None:
@@ -93,7 +96,7 @@ def _debias_config(model: str, categories: Optional[str], per_category: int, sco
 
     from excise.recipes.bbq_debias import _default_finetune
 
-    cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    cats = _split_categories(categories)
     if "finetune" in extra:  # command-line fine-tune options override the workflow's defaults
         extra["finetune"] = {**_default_finetune().model_dump(), **extra["finetune"]}
     data = dict(model=model, categories=cats, per_category=per_category, scoring=scoring, seed=seed, **extra)

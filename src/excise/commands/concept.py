@@ -43,11 +43,21 @@ def probe(model: str = MODEL, concept: str = CONCEPT, out: Path = typer.Option(P
           screen_only: bool = typer.Option(False, "--screen-only", help="only screen the spec on the base model")) -> None:
     """Screen the spec on the base model (what it leaks / gets right) and measure leaks per family, with CIs."""
     from excise.attack.probes import screen
-    from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl
+    from excise.errors import ExciseError
+    from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, check_out_dir
     from excise.measure.unlearning import evaluate
     from excise.models import load
     from excise.tasks.concepts import load_concept
 
+    if max_new_tokens < 1:
+        raise ExciseError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if adapter is not None:
+        from excise.intervene.masked_lora import MASK_FILE
+
+        if not (adapter / "adapter_config.json").is_file() or not (adapter / MASK_FILE).is_file():
+            raise ExciseError(f"not a masked-LoRA directory (needs adapter_config.json and {MASK_FILE}; `excise concept "
+                              "unlearn` writes one under <run>/unlearn/adapter)", where=str(adapter))
+    check_out_dir(out)
     spec = load_concept(concept)
     h = load(model, device=device)
     filtered, report, before = screen(h, spec, max_new_tokens=max_new_tokens)

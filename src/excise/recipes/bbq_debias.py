@@ -25,13 +25,13 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from excise.config import validate
+from excise.config import Device, setting_error, validate
 from excise.errors import ExciseError
 from excise.intervene.heads import HeadScales, scale_heads
 from excise.intervene.lora import (ChoiceExample, FinetuneConfig, base_state, finetune,
@@ -47,7 +47,7 @@ from excise.report.html import end_of_run
 from excise.report.plots import heatmap
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
-from excise.tasks.bbq import CATEGORIES, load_bbq, sample_bbq, split_items
+from excise.tasks.bbq import CATEGORIES, check_category_list, load_bbq, sample_bbq, split_items
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
 from excise.trace import Trace
 
@@ -63,7 +63,8 @@ class BBQDebiasConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory, hub id, or 'planted'")
-    categories: list[str] | None = Field(None, description="BBQ categories (None: all 11)")
+    categories: Annotated[list[str] | None, AfterValidator(check_category_list)] = Field(
+        None, description="BBQ categories (None: all 11)")
     per_category: int = Field(24, ge=4, description="held-out evaluation items per category (stratified)")
     scoring: Literal["loglik", "letter", "generate"] = Field(
         "loglik", description="evaluation scoring mode (localization and fine-tuning always use option log-likelihoods)")
@@ -84,7 +85,7 @@ class BBQDebiasConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="items per forward pass in evaluation")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples for the bias-score CIs")
     data_dir: str | None = Field(None, description="BBQ data directory (None: the packaged copy)")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     seed: int = Field(0, description="one seed for sampling, training and bootstrap")
 
@@ -201,7 +202,7 @@ def _metrics(rep: Any) -> dict[str, Any]:
 
 def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, console: Any = None,
             stages: Sequence[str] = ("eval_before", "localize", "mitigate", "eval_after", "report"),
-            load_base: Any = None) -> dict:
+            load_base: Any = None, source: str = "command line") -> dict:
     """Run the workflow (or the first few stages) in ``out``; returns the summary dict.
 
     ``load_base`` (a no-argument callable returning a handle) replaces loading ``cfg.model``, for
@@ -214,8 +215,13 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
     seed_everything(cfg.seed)
     run = Run(out, {"workflow": "bbq", **cfg.model_dump(mode="json")}, force=force)
     say = console.print if console is not None else (lambda *a, **k: None)
+    data = workflow_items(cfg)  # data first (cheap), then the model: both before the first write
+    if "localize" in stages and not run.is_done("localize") and len(data["pairs"]) // 2 < 3:
+        raise setting_error(source, ("pairs_per_category",), f"head localization needs at least 3 ambiguous/"
+                            f"disambiguated pairs in all; the data gives {len(data['pairs']) // 2} "
+                            f"(pairs_per_category={cfg.pairs_per_category}); raise it or add categories")
     handle, truth = _load(cfg, console, load_base)
-    data = workflow_items(cfg)
+    _check_selection(cfg, handle.anatomy, source)
     say(f"[bold]{cfg.model}[/]: {len(data['eval'])} held-out eval items, {len(data['pairs']) // 2} localization pairs, "
         f"{len(data['finetune'])} fine-tune items")
     timings: dict[str, float] = {}
@@ -255,7 +261,7 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
         loc = timed("localize", localize).metrics
     # 3. mitigate
     def mitigate(d: Path) -> dict:
-        heads = [tuple(h) for h in read_json(run.stage_dir("localize") / "selected_heads.json")["heads"]]
+        heads = _selected_heads(run.stage_dir("localize") / "selected_heads.json", handle.anatomy)
         scales = HeadScales.from_heads(handle.anatomy, heads, cfg.head_scale)
         m: dict[str, Any] = {"pruned_heads": [list(h) for h in heads], "head_scale": cfg.head_scale}
         if cfg.do_finetune:
@@ -319,6 +325,32 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
     return summary
 
 
+def _check_selection(cfg: BBQDebiasConfig, anatomy: Any, source: str) -> None:
+    """Top-k must ask for no more heads than the model has (else it would silently select fewer)."""
+    n = anatomy.n_heads if cfg.select.per_layer else anatomy.n_layers * anatomy.n_heads
+    if cfg.select.method == "topk" and cfg.select.k > n:
+        raise setting_error(source, ("select", "k"), f"{cfg.select.k} heads asked for, but the model has {n} "
+                            f"({anatomy.n_layers} layers x {anatomy.n_heads} heads"
+                            f"{', per layer' if cfg.select.per_layer else ''})")
+
+
+def _selected_heads(path: Path, anatomy: Any) -> list[tuple[int, int]]:
+    """The localize stage's heads, checked: a resumed run may hold a hand-edited or damaged file."""
+    raw = read_json(path)
+    heads = raw.get("heads") if isinstance(raw, dict) else None
+    if not isinstance(heads, list):
+        raise ExciseError("expected {'heads': [[layer, head], ...]}", where=f"{path}:heads")
+    out = []
+    for i, h in enumerate(heads):
+        ok = (isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in h)
+              and 0 <= h[0] < anatomy.n_layers and 0 <= h[1] < anatomy.n_heads)
+        if not ok:
+            raise ExciseError(f"expected [layer, head] integers within {anatomy.n_layers} layers x {anatomy.n_heads} "
+                              f"heads, got {h!r}; pass --force to start over", where=f"{path}:heads.{i}")
+        out.append((h[0], h[1]))
+    return out
+
+
 def _probe(handle: Any, items: Sequence[Any], scales: Any) -> Any:
     """Last-token logits of a few prompts (with the head scales attached when given)."""
     batch = handle.encode([loglik_prompt(x) for x in items])
@@ -345,7 +377,7 @@ def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = 
     if quick:
         cfg = cfg.model_copy(update={"per_category": min(cfg.per_category, 8), "pairs_per_category": min(cfg.pairs_per_category, 4),
                                      "finetune": cfg.finetune.model_copy(update={"steps": min(cfg.finetune.steps, 3)})})
-    s = run_bbq(cfg, out, force=force, console=console)
+    s = run_bbq(cfg, out, force=force, console=console, source=source)
     if console is not None and s:
         console.print(summary_text(s), markup=False, highlight=False, soft_wrap=True)
     return s

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from excise import lm
+from excise.config import Device
 from excise.errors import ExciseError, where
-from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, iter_jsonl
+from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, check_out_dir, iter_jsonl
 from excise.measure.bbq import BiasReport, GroupScores, bias_scores
 from excise.models import load
 from excise.run import Run, seed_everything
-from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, load_bbq, load_bbq_hf, load_jsonl, packaged_bbq_dir,
-                              parse_row, sample_bbq)
+from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, check_category_list, load_bbq, load_bbq_hf, load_jsonl,
+                              packaged_bbq_dir, parse_row, sample_bbq)
 from excise.tasks.bbq_items import BBQItem, attach_targets, find_templates_dir
 from excise.tasks.bbq_prompts import LETTERS, letter_prompt, letter_token_ids, loglik_requests, match_answer
 
@@ -99,7 +100,8 @@ class BBQEvalConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
-    categories: list[str] = Field(default_factory=lambda: list(CATEGORIES), description="BBQ categories (all 11 by default)")
+    categories: Annotated[list[str], AfterValidator(check_category_list)] = Field(
+        default_factory=lambda: list(CATEGORIES), description="BBQ categories (all 11 by default)")
     per_category: int | None = Field(50, ge=1, description="items per category, stratified over context "
                                      "condition x question polarity; null = every item")
     scoring: Literal["loglik", "letter", "generate"] = Field("loglik", description="scoring mode")
@@ -115,7 +117,7 @@ class BBQEvalConfig(BaseModel):
     hf_metadata: str | None = Field(None, description="additional_metadata.csv to join to hf_dataset rows "
                                     "(default: targets derived as the BBQ metadata script does)")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
 
 
 def load_items_for(cfg: Any) -> list[BBQItem]:
@@ -132,11 +134,17 @@ def run_eval(cfg: Any, out: str | Path, *, force: bool = False, console: Any = N
     and ``scores`` (bias_scores.json/.csv/.txt/.png). A re-run resumes finished stages."""
     seed_everything(cfg.seed)
     run = Run(out, {"workflow": "bbq-eval", **cfg.model_dump()}, force=force)
+    # everything that can be wrong with the input is found before the first write: data, then model
+    fresh = None
+    if not run.is_done("data"):
+        fresh = load_items_for(cfg)
+        if not fresh:
+            raise ExciseError("no BBQ items selected; check --categories and the data source")
+    if not run.is_done("predict") and handle is None:
+        handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
 
     def data_stage(d: Path) -> dict:
-        items = load_items_for(cfg)
-        if not items:
-            raise ExciseError("no BBQ items selected; check --categories and the data source")
+        items = fresh
         atomic_write_jsonl(d / "items.jsonl", [x.fields() for x in items])
         cells: dict[str, int] = {}
         for x in items:
@@ -151,7 +159,7 @@ def run_eval(cfg: Any, out: str | Path, *, force: bool = False, console: Any = N
     items = load_jsonl(run.stage_dir("data") / "items.jsonl")
 
     def predict_stage(d: Path) -> dict:
-        h = handle or load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        h = handle
         t0 = time.time()
         rows = predict(h, items, cfg.scoring, batch_size=cfg.batch_size, normalize=cfg.normalize,
                        max_new_tokens=cfg.max_new_tokens, progress=console is not None)
@@ -241,10 +249,13 @@ def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | 
 def run_score(predictions: str | Path, out: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
               lenient: bool = True, data_dir: str | Path | None = None, console: Any = None) -> dict:
     """`excise bbq score`: bias scores of a predictions JSONL, written atomically into ``out``."""
+    if n_boot < 10:
+        raise ExciseError(f"--n-boot must be at least 10 for a 95% CI, got {n_boot}")
+    out = Path(out) if out else Path(predictions).with_suffix("").with_name(Path(predictions).stem + "_scores")
+    check_out_dir(out)
     rows, how = read_predictions(predictions, lenient=lenient, data_dir=data_dir)
     if not rows:
         raise ExciseError("no prediction rows", where=str(predictions))
-    out = Path(out) if out else Path(predictions).with_suffix("").with_name(Path(predictions).stem + "_scores")
     rep = bias_scores(rows, n_boot=n_boot, seed=seed)
     with atomic_dir(out) as tmp:
         rep.save(tmp, title=f"BBQ bias scores: {Path(predictions).name}")

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from excise.config import Device
 from excise.intervene.fair_baselines import BaselineConfig
 from excise.intervene.fair_finetune import FairFinetuneConfig
 
@@ -61,7 +62,7 @@ class FairEncoderConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("minilm-l6", description="embedded default, local directory or hub id of a text encoder")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     seed: int = Field(0, description="one seed for the data split, subsamples, training and bootstrap")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     data: Literal["bug", "user"] = Field("bug", description="bug: profession classification with the profession "

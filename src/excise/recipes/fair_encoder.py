@@ -183,8 +183,8 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
         torch.set_num_threads(cfg.threads)
     run = Run(out, {"workflow": "fair", **cfg.model_dump(mode="json")}, force=force)
     seed_everything(cfg.seed)
+    data = load_data(cfg)  # the user's table is checked before the model is loaded
     handle = load(cfg.model, kind="encoder", device=cfg.device)
-    data = load_data(cfg)
     attr = data.attributes[0]
     splits = {"train": _subsample(data.train, cfg.train_limit, cfg.seed),
               "val": _subsample(data.val, cfg.val_limit, cfg.seed + 1), "test": list(data.test), "attr": attr,

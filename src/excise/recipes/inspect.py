@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
-from excise.config import validate
+from excise.config import Device, validate
+from excise.errors import ExciseError
 from excise.io import atomic_write_json
 from excise.models import load
 from excise.report.plots import grid_heatmaps, heatmap
 from excise.run import Run, seed_everything
-from excise.tasks.bbq import format_prompt, load_bbq
+from excise.tasks.bbq import check_category_list, format_prompt, load_bbq
 from excise.trace import Trace
 
 
@@ -30,11 +31,12 @@ class InspectConfig(BaseModel):
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
     n_prompts: int = Field(4, ge=1, le=64, description="BBQ prompts to trace (one per category, in order)")
-    categories: list[str] = Field(default_factory=lambda: ["Age", "Gender_identity", "Religion", "SES"],
+    categories: Annotated[list[str], AfterValidator(check_category_list)] = Field(
+        default_factory=lambda: ["Age", "Gender_identity", "Religion", "SES"],
                                   description="BBQ categories to draw prompts from")
     layers_shown: int = Field(8, ge=1, description="layers shown in the attention-pattern grid")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     seed: int = Field(0, description="seed (tracing is deterministic; kept for the run snapshot)")
 
 
@@ -59,6 +61,7 @@ def run_inspect(cfg: InspectConfig, out: str | Path, *, force: bool = False, con
         # interleave categories so a small n still covers several
         texts = [handle.chat(format_prompt(it)) for it in items]
         batch = handle.encode(texts)
+        _check_length(handle, batch["input_ids"].shape[1])
         t1 = time.time()
         with torch.inference_mode(), Trace(handle, ["resid.*", "attn.*.pattern", "mlp.*.out"]) as tr:
             out_ = handle.model(**batch)
@@ -107,6 +110,15 @@ def run_inspect(cfg: InspectConfig, out: str | Path, *, force: bool = False, con
 
     res = run.stage("inspect", stage)
     return {"dir": str(res.dir), "metrics": res.metrics, "skipped": res.skipped}
+
+
+def _check_length(handle: Any, n_tokens: int) -> None:
+    """A prompt longer than the model's positions would fail deep in its forward pass (or index out of range)."""
+    cfg = getattr(handle.model.config, "get_text_config", lambda: handle.model.config)()
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and n_tokens > limit:
+        raise ExciseError(f"the traced prompts need {n_tokens} tokens but model '{handle.name}' has {limit} positions; "
+                          "use a model with a longer context")
 
 
 def _context_end(handle: Any, item: Any, tokens: list[str]) -> int:

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from safetensors.torch import load_file, save_file
 
-from excise.config import validate
+from excise.config import Device, validate
 from excise.errors import ExciseError
 from excise.intervene import INTERVENTIONS
 from excise.io import atomic_write_csv, read_json
@@ -59,7 +59,7 @@ class PipelineConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
-    device: str = Field("cpu", description="cpu or cuda")
+    device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     seed: int = Field(0, description="one seed for data splits, localizers, training and bootstrap")
     task: dict[str, Any] = Field(..., description="the task source: {name: bbq|concept, ...its settings}")

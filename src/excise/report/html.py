@@ -234,6 +234,8 @@ def render(paths: Sequence[str | Path]) -> str:
               "metrics": stage_metrics(r)} for lab, r in zip(labels, runs)]
     for v in views:
         v["counts"] = {s: sum(t["status"] == s for t in v["verdict"]["targets"]) for s in STATUSES}
+        for t in v["verdict"]["groups"] if v["label"] else []:  # compare mode shows both runs' tables in one list
+            t["caption"] = f"{v['label']}: {t['caption']}"
     for i, t in enumerate([t for v in views for t in v["verdict"]["headline"] + v["verdict"]["groups"]
                            + v["verdict"]["localized"] + v["metrics"] + [v["provenance"]["timings"]]] + tables):
         t["id"] = f"t{i}"

@@ -126,6 +126,8 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[BBQItem]:
         items.append(parse_row(row, path, lineno))
         if limit is not None and len(items) >= limit:
             break
+    if not items:
+        raise ExciseError("no BBQ items in this file (it is empty)", where=str(path))
     return items
 
 
@@ -137,6 +139,18 @@ def _check_categories(categories: Iterable[str] | None) -> list[str]:
     return cats
 
 
+def check_category_list(categories: list[str] | None) -> list[str] | None:
+    """A config's ``categories``: None (all), else a non-empty list of known names (a ValueError names the first bad one)."""
+    if categories is None:
+        return None
+    if not categories:
+        raise ValueError("name at least one BBQ category (or leave the setting out for all 11)")
+    for c in categories:
+        if c not in CATEGORIES:
+            raise ValueError(f"unknown BBQ category '{c}'; choose from {', '.join(CATEGORIES)}")
+    return categories
+
+
 def load_bbq(categories: Iterable[str] | None = None, data_dir: str | Path | None = None,
              limit_per_category: int | None = None, *, targets: bool = True) -> list[BBQItem]:
     """Load BBQ items of the given categories (all 11 by default) from a directory of ``<Category>.jsonl``.
@@ -145,6 +159,10 @@ def load_bbq(categories: Iterable[str] | None = None, data_dir: str | Path | Non
     ``additional_metadata.csv`` when present, else derived (:func:`attach_targets`).
     """
     d = Path(data_dir) if data_dir else packaged_bbq_dir()
+    if not d.is_dir():
+        raise ExciseError("BBQ data directory not found (a directory of <Category>.jsonl files is expected)"
+                          if not d.exists() else "not a directory (a directory of <Category>.jsonl files is expected)",
+                          where=str(d))
     items: list[BBQItem] = []
     for c in _check_categories(categories):
         items += load_jsonl(d / f"{c}.jsonl", limit=limit_per_category)
@@ -166,6 +184,13 @@ def load_bbq_hf(path_or_id: str, *, split: str | None = None, name: str | None =
     except ImportError:  # pragma: no cover
         raise ExciseError("loading BBQ from a Hugging Face dataset needs the datasets package: pip install datasets") from None
     p = Path(path_or_id).expanduser()
+    if p.is_file():  # datasets would log its own parse errors first: check the bytes here
+        if p.stat().st_size == 0:
+            raise ExciseError("empty file", where=str(p))
+        try:
+            p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ExciseError("not UTF-8 text (a binary file?)", where=str(p)) from None
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
@@ -174,7 +199,8 @@ def load_bbq_hf(path_or_id: str, *, split: str | None = None, name: str | None =
         else:
             kw: dict[str, Any] = {"revision": revision} if revision else {}
             ds = datasets.load_dataset(str(p) if p.exists() else path_or_id, name, **kw)
-    except (FileNotFoundError, ValueError, OSError, ConnectionError) as e:
+    except (FileNotFoundError, ValueError, OSError, ConnectionError, datasets.exceptions.DatasetGenerationError) as e:
+        # DatasetGenerationError: a file the json/csv builder cannot read (binary, not UTF-8)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExciseError(f"cannot load dataset '{path_or_id}' ({first[:200]})") from None
     if isinstance(ds, datasets.DatasetDict):
