@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from excise.errors import ExciseError
 from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, check_out_dir, read_json
@@ -209,6 +209,18 @@ class Run:
 
     def is_done(self, name: str) -> bool:
         return not self._clear_first and (self.stage_dir(name) / "stage.json").exists()
+
+    def run_stages(self, stages: Sequence[tuple[str, Callable[[Path], Any]]], *, say: Callable[[str], None] | None = None,
+                   stop_after: str | None = None) -> dict[str, Any]:
+        """Run (or resume) named stages in order, up to and including ``stop_after``; their metrics by name."""
+        out: dict[str, Any] = {}
+        for name, fn in stages:
+            if say is not None:
+                say(f"[{name}]")
+            out[name] = self.stage(name, fn).metrics
+            if name == stop_after:
+                break
+        return out
 
     def stage(self, name: str, fn: Callable[[Path], Any]) -> StageResult:
         """Run ``fn(tmp_dir) -> metrics`` unless the stage already finished; return its metrics.

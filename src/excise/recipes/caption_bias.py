@@ -323,12 +323,7 @@ def run_captions(cfg: CaptionBiasConfig, out: str | Path, *, force: bool = False
               ("before", lambda d: score(handle, pools["eval"], cfg, d, handle.name)),
               ("lora", lora_stage), ("sae_edit", sae_edit_stage),
               ("report", lambda d: write_report(run.dir, d, cfg, pools["eval"], size, contrastive=clip))]
-    for name, fn in stages:
-        say(f"[{name}]")
-        r = run.stage(name, fn)
-        res[name] = r.metrics
-        if name == stop_after:
-            break
+    res.update(run.run_stages(stages, say=say, stop_after=stop_after))
     if "report" in res:
         say((run.stage_dir("report") / "report.md").read_text(encoding="utf-8"))
     res["report_html"] = end_of_run(run.dir, console)

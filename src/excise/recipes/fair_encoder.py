@@ -229,12 +229,7 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
                                          console)[1]),
               ("fair", lambda d: _fair_stage(handle, splits, cfg, d, console)),
               ("report", lambda d: write_report(run.dir, d, cfg))]
-    for name, fn in stages:
-        say(f"[{name}]")
-        r = run.stage(name, fn)
-        out_[name] = r.metrics
-        if name == stop_after:
-            break
+    out_.update(run.run_stages(stages, say=say, stop_after=stop_after))
     if "report" in out_:
         say((run.stage_dir("report") / "report.md").read_text(encoding="utf-8"))
     out_["report_html"] = end_of_run(run.dir, console)
