@@ -101,8 +101,12 @@ def dry_run_settings(workflow: str, settings: dict) -> dict:
         s["device"] = "cpu"
         if "dtype" in s:
             s["dtype"] = "float32"
+    if workflow == "bbq":  # a 2-layer, 4-head model has 8 heads
+        s["select"] = {**(s.get("select") or {}), "k": min(int((s.get("select") or {}).get("k", 3)), 3)}
+        s["localize"] = {**(s.get("localize") or {}), "n_candidates": 4}
     if workflow == "concept":
         s["screen"] = False  # a random model knows nothing to screen for
+        s["select"] = {**(s.get("select") or {}), "k": 16}  # 2 layers x 128 MLP neurons
     if workflow == "captions":
         s["data"] = None  # the synthetic scenes stand in for the user's folder
     if workflow == "undo":
