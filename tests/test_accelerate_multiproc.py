@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 WORKER = textwrap.dedent('''
@@ -96,3 +97,23 @@ def tiny_model_weights():
     from excise.testing import tiny_model
 
     return {k: v.clone() for k, v in tiny_model("llama").state_dict().items()}
+
+
+@pytest.mark.slow
+def test_a_whole_recipe_under_accelerate_launch(tmp_path):
+    """Two launched CPU processes (gloo) run a whole workflow: every process runs each stage
+    (training needs them all), only the main process writes the run directory, and the run ends with
+    one report, as a single process does."""
+    env = dict(os.environ, EXCISE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    # what `accelerate launch` runs underneath on GPUs (torch.distributed.run); on CPU it falls back to one process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "excise.cli", "run", "seed_fair_bge_large.yaml", "--dry-run", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    errors = [x for x in r.stderr.splitlines() if "Error" in x or "error:" in x]
+    assert r.returncode == 0, "\n".join(errors[-10:]) or r.stderr[-2000:]
+    for stage in ("data", "baselines", "plain", "fair", "report"):
+        assert json.loads((out / stage / "stage.json").read_text())["status"] == "done"
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    assert (out / "report.html").exists()
+    assert not list(out.glob("*.tmp*")), "no half-written folder left by any process"

@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,28 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def world_size() -> int:
+    """Processes of this run: ``accelerate launch`` (torchrun) sets WORLD_SIZE; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    return world_size() == 1 or int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes (nothing in a single process)."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _run_elsewhere(fn: Callable[[Path], Any]) -> Any:
+    with tempfile.TemporaryDirectory(prefix="excise-rank-") as tmp:
+        return fn(Path(tmp))
+
+
 @dataclass
 class StageResult:
     name: str
@@ -141,6 +164,9 @@ class Run:
         # resolved, JSON-normal form (NaN -> null, so a config with NaN still resumes)
         self.config = json.loads(json.dumps(_nan_to_none(dict(config)), default=str))
         self._clear_first = False
+        if not is_main_process():  # launched processes other than the main one never write the run directory
+            self._started = True
+            return
         cfg_path = self.dir / self.CONFIG
         check_out_dir(self.dir)
         if self.dir.exists() and any(self.dir.iterdir()):
@@ -183,7 +209,7 @@ class Run:
         atomic_write_json(self.dir / self.CONFIG, self.config)
         atomic_write_json(self.dir / "run.json", {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(), "git": _git(),
-            "seeds": _seeds(self.config), "torch_threads": _torch_threads(),
+            "seeds": _seeds(self.config), "torch_threads": _torch_threads(), "processes": world_size(),
             "platform": {"system": platform.system(), "machine": platform.machine(), "cpus": os.cpu_count()},
             "stages": {}})
         self._started = True
@@ -235,6 +261,12 @@ class Run:
             if not isinstance(info, dict) or info.get("status") != "done":
                 raise ExciseError(f"corrupt run directory: {final / 'stage.json'} has no status 'done'; pass --force")
             return StageResult(name, final, metrics, skipped=True)
+        if not is_main_process():
+            # under `accelerate launch` every process runs the stage (training needs them all), only
+            # the main one writes the run directory; the others write into a scratch folder
+            metrics = _run_elsewhere(fn)
+            wait_for_everyone()
+            return StageResult(name, final, metrics, skipped=False)
         first = not self._started
         self.start()
         t0, c0 = time.time(), time.process_time()
@@ -252,6 +284,7 @@ class Run:
             raise
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
         self._record_stage(name, timing)
+        wait_for_everyone()
         return StageResult(name, final, metrics, skipped=False)
 
     def _record_stage(self, name: str, timing: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ from excise.errors import ExciseError
 from excise.io import atomic_dir
 from excise.models.defaults import cache_dir
 from excise.recipes.plan import ENCODER_TYPES, resolve_config
+from excise.run import is_main_process, wait_for_everyone
 from excise.testing import CAPTION_FAMILIES, tiny_captioner, tiny_vlm
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -65,13 +66,18 @@ def shrink(config: Any, vocab_size: int) -> Any:
 
 def tiny_like(model: str) -> Path:
     """A saved tiny random model of ``model``'s family (cached: built once per model name)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", model)
+    target = cache_dir() / "dry_run" / slug
+    if is_main_process() and not (target / "config.json").exists():
+        _build_tiny(model, target)
+    wait_for_everyone()  # under `accelerate launch` the main process builds, the others wait for it
+    return target
+
+
+def _build_tiny(model: str, target: Path) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", model)
-    target = cache_dir() / "dry_run" / slug
-    if (target / "config.json").exists():
-        return target
     config = resolve_config(model)
     if hasattr(config, "vision_config"):
         with atomic_dir(target) as tmp:
@@ -79,7 +85,7 @@ def tiny_like(model: str) -> Path:
             h = tiny_captioner(family) if family in CAPTION_FAMILIES else tiny_vlm(config.model_type)
             h.model.save_pretrained(tmp)
             h.processor.save_pretrained(tmp)
-        return target
+        return
     tok = byte_tokenizer()
     cfg = shrink(config, len(tok))
     torch.manual_seed(0)
@@ -88,7 +94,6 @@ def tiny_like(model: str) -> Path:
     with atomic_dir(target) as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return target
 
 
 def dry_run_settings(workflow: str, settings: dict) -> dict:

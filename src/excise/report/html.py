@@ -23,6 +23,7 @@ from excise.errors import ExciseError
 from excise.io import atomic_write_text, read_json
 from excise.report.blocks import STATUSES, cell, change, figure_caption, is_est, num, table
 from excise.report.verdicts import verdict
+from excise.run import is_main_process
 
 TEMPLATE = "report.html.j2"
 MAX_JSON_BYTES = 5_000_000  # larger JSON files (traces, item dumps) are never grouped results
@@ -265,7 +266,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None) -> 
 def end_of_run(run_dir: str | Path, console: Any = None) -> str:
     """The last step of every workflow: write ``<run>/report.html`` and print where it is ("" when no
     stage ever started, so there is no run to report on)."""
-    if not (Path(run_dir) / "config.json").is_file():
+    if not (Path(run_dir) / "config.json").is_file() or not is_main_process():
         return ""
     path = write_report([run_dir])
     if console is not None:
