@@ -8,6 +8,7 @@ model backend); no task or metric owns a scoring loop.
   prefix-tree path where the model allows it, else against a repeated KV cache
   (:mod:`excise.lm_packed`). :func:`loglikelihood_naive` is the one-pass-per-continuation
   reference the tests compare against.
+* :func:`token_loglikelihood`: the per-token log-probabilities behind :func:`loglikelihood` (min-k%).
 * :func:`choice_logprobs`: the same quantity as a differentiable [N, K] tensor, for training
   objectives and gradient-based localizers.
 * :func:`next_token_logprobs`: the probability that the next token is one of a set of token ids
@@ -183,6 +184,28 @@ def loglikelihood_naive(handle: Any, requests: Sequence[LoglikRequest], *, model
                 lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
             row[j] = sum(float(lp[len(p_ids) - 1 + k, t]) for k, t in enumerate(o_ids))
         out.append(row)
+    return out
+
+
+def token_loglikelihood(handle: Any, requests: Sequence[LoglikRequest], *, batch_size: int = 16,
+                   model: Any = None) -> list[np.ndarray]:
+    """Per-token log-probabilities of each request's first continuation, tokenized exactly as
+    :func:`loglikelihood` does (their sum equals it): membership-inference scores such as min-k%
+    need the tokens, not the sum."""
+    model = model if model is not None else handle.model
+    device = next(model.parameters()).device
+    p_lists, o_lists = encode_requests(handle.tokenizer, requests)
+    seqs = [p + o[0] for p, o in zip(p_lists, o_lists)]
+    out: list[np.ndarray] = []
+    pad_id = handle.tokenizer.pad_token_id or 0
+    for s in range(0, len(seqs), batch_size):
+        ids, mask = packing.pad(seqs[s:s + batch_size], side="right", device=device, pad_id=pad_id)
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for i in range(ids.shape[0]):
+            n_p, o = len(p_lists[s + i]), o_lists[s + i][0]
+            pos = torch.arange(n_p - 1, n_p - 1 + len(o), device=device)
+            out.append(lp[i, pos, torch.tensor(o, device=device)].double().cpu().numpy())
     return out
 
 
