@@ -315,18 +315,14 @@ def trace_images(handle: Any, prompts: Sequence[str] | None, images: Sequence[An
 
 
 def expand_vlm_sites(handle: Any, sites: Sequence[str]) -> list[str]:
-    """Expand ``*`` over the language model's layers (``resid.*``) or the vision tower's (``vision.*``)."""
-    out: list[str] = []
-    for s in sites:
-        s = s.strip()
-        if s.startswith("vision.") and "*" in s:
-            n = handle.vision.n_layers
-            out += [s.replace("*", str(l)) for l in range(n)]
-        elif s.startswith(("vision.", "projector.")):
-            out.append(s)
-        else:
-            if handle.anatomy is None:
-                raise ExciseError(f"site '{s}': this model has no language-model anatomy")
-            an = handle.anatomy
-            out += expand_sites([s], an.n_layers, moe_layers=an.moe_layers, n_experts=an.n_experts)
-    return list(dict.fromkeys(out))
+    """:func:`excise.trace.expand_sites` with a VLM's two layer counts: the language model's for text
+    sites (``resid.*``), the vision tower's for ``vision.*``."""
+    sites = [s.strip() for s in sites]
+    an = handle.anatomy
+    text = [s for s in sites if not is_vision_site(s)]
+    if an is None and text:
+        raise ExciseError(f"site '{text[0]}': this model has no language-model anatomy")
+    n_vision = handle.vision.n_layers if len(text) < len(sites) else None
+    if an is None:
+        return expand_sites(sites, 0, n_vision)
+    return expand_sites(sites, an.n_layers, n_vision, moe_layers=an.moe_layers, n_experts=an.n_experts)

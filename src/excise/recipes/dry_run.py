@@ -54,8 +54,8 @@ def shrink(config: Any, vocab_size: int) -> Any:
         upd["num_key_value_heads"] = max(1, 4 * kv // heads)
     if getattr(config, "head_dim", None):
         upd["head_dim"] = 16
-    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        upd[k] = SPECIALS.index({"pad_token_id": "<|pad|>", "bos_token_id": "<|bos|>", "eos_token_id": "<|eos|>"}[k])
+    upd.update(pad_token_id=SPECIALS.index("<|pad|>"), bos_token_id=SPECIALS.index("<|bos|>"),
+               eos_token_id=SPECIALS.index("<|eos|>"))
     if getattr(config, "max_position_embeddings", 0):
         upd["max_position_embeddings"] = min(int(config.max_position_embeddings), 2048)
     base = config.to_dict()

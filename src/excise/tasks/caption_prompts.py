@@ -61,20 +61,22 @@ def scene_images(scenes: Sequence[Scene], size: int) -> list[Any]:
     return [s.image(size) for s in scenes]
 
 
-_PROMPT_IDS: dict[tuple[int, str], list[int]] = {}
+# (id(processor), lang) -> (processor, ids): the processor is kept so its id cannot be reused by another
+_PROMPT_IDS: dict[tuple[int, str], tuple[Any, list[int]]] = {}
 
 
 def prompt_ids(processor: Any, lang: str) -> list[int]:
     """The prompt's token ids exactly as the processor builds them (image placeholder expanded)."""
     key = (id(processor), lang)
-    if key not in _PROMPT_IDS:
+    hit = _PROMPT_IDS.get(key)
+    if hit is None or hit[0] is not processor:
         from PIL import Image
 
         size = image_size(processor)
         enc = processor(text=[caption_prompt(processor, lang)], images=[[Image.new("RGB", (size, size))]],
                         return_tensors="pt")
-        _PROMPT_IDS[key] = enc["input_ids"][0].tolist()
-    return _PROMPT_IDS[key]
+        hit = _PROMPT_IDS[key] = (processor, enc["input_ids"][0].tolist())
+    return hit[1]
 
 
 def caption_batch(processor: Any, lang_captions: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
