@@ -120,7 +120,7 @@ def test_workflow_end_to_end_on_tiny_model(tmp_path):
     from excise.intervene.lora import FinetuneConfig
     from excise.testing import tiny_handle
 
-    cfg = BBQDebiasConfig(model="tiny", categories=["Age"], per_category=8, pairs_per_category=4,
+    cfg = BBQDebiasConfig(model="tiny", categories=["Age"], per_category=8, pairs_per_category=6,
                           finetune_per_category=4, localize=HeadAttributionConfig(n_candidates=2),
                           finetune=FinetuneConfig(steps=2, batch_size=2, lr=1e-3), trace_items=2, n_boot=100)
     s = run_bbq(cfg, tmp_path / "run", load_base=lambda: tiny_handle("llama"))

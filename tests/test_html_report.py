@@ -121,7 +121,7 @@ def runs(tmp_path_factory, one_thread):
     mp.setenv("EXCISE_CACHE", str(root / "cache"))
     out, res = {}, {}
     try:
-        cfg = BBQDebiasConfig(model="tiny", categories=["Age", "SES"], per_category=8, pairs_per_category=4,
+        cfg = BBQDebiasConfig(model="tiny", categories=["Age", "SES"], per_category=8, pairs_per_category=6,
                               finetune_per_category=4, localize=HeadAttributionConfig(n_candidates=2),
                               finetune=FinetuneConfig(steps=2, batch_size=2, lr=1e-3), trace_items=2, n_boot=100)
         res["bbq"] = run_bbq(cfg, root / "bbq", load_base=lambda: tiny_handle("llama"))

@@ -76,8 +76,16 @@ def score(
     out: Optional[Path] = typer.Option(None, help="output directory (default: <predictions>_scores next to the file)"),
     n_boot: int = typer.Option(1000, min=10, help="bootstrap resamples for CIs"),
     seed: int = typer.Option(0, min=0, max=2**31 - 1, help="bootstrap seed"),
-    strict: bool = typer.Option(False, "--strict", help="match text answers only by the BBQ authors' rules (no letters)"),
-    data_dir: Optional[Path] = typer.Option(None, help="BBQ data directory for additional_metadata.csv (default: packaged)"),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="match text answers by the BBQ authors' rules only: exact (the answer equals an option) and "
+             "two-words (it contains the first two words of an option's answer_info text). Turns off the lenient "
+             "rules: a leading letter A/B/C, an option's answer_info or text contained in the answer, and "
+             "'unknown' phrases (e.g. 'cannot be determined') for the unknown option"),
+    data_dir: Optional[Path] = typer.Option(
+        None, help="BBQ data the predictions were made on: rows are checked against its <Category>.jsonl "
+                   "(id, question_index, answers) and targets come from its additional_metadata.csv "
+                   "(default: the packaged BBQ)"),
 ) -> None:
     """Bias scores for predictions from any source (an API model, another harness)."""
     from excise.recipes.bbq_eval import run_score
@@ -121,8 +129,10 @@ def _debias_command(stages: tuple[str, ...], doc: str):
     """One command per prefix of the workflow's stages; they share options so the same --out resumes."""
 
     def command(
-        model: str = typer.Option("smollm2-135m-instruct", help="embedded default, local directory, hub id, or 'planted'"),
-        categories: Optional[str] = typer.Option(None, help="comma-separated BBQ categories (default: all 11)"),
+        model: str = typer.Option("smollm2-135m-instruct", help="embedded default, local directory, hub id, 'biased' "
+                                   "(the biased organism, built and cached on first use) or 'planted'"),
+        categories: Optional[str] = typer.Option(None, help="comma-separated BBQ categories (default: all 11; "
+                                                                           "for 'biased', its four)"),
         per_category: int = typer.Option(24, help="held-out evaluation items per category"),
         scoring: str = typer.Option("loglik", help="evaluation scoring: loglik, letter or generate"),
         pairs_per_category: int = typer.Option(8, help="ambiguous/disambiguated pairs per category for attribution"),

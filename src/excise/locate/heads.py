@@ -15,7 +15,9 @@ polarity and answers; the disambiguated context extends the ambiguous one):
   from one forward and backward pass.
 * **ablation** -- the causal check: the head really ablated (scale 0, ``excise.intervene.heads``)
   and the drop of the mean biased log-odds on ambiguous items measured, with a 95% CI, for the
-  candidates the cheap views rank highest.
+  candidates the cheap views rank highest. With ``split`` (the default) the cheap views and the
+  choice of candidates use one half of the pairs (``selection``) and the ablation is measured on
+  the other (``measurement``): a CI computed on the pairs that chose a head would be biased upward.
 
 The ranking score is the measured ablation effect (heads not measured are NaN, never selected).
 """
@@ -45,6 +47,9 @@ from excise.registry import Configured
 from excise.train import requires_grad
 
 
+MIN_PAIRS = 3  # pairs needed to correlate (and, when split, to measure) at all
+
+
 class HeadAttributionConfig(BaseModel):
     """Settings of the BBQ head localizer."""
 
@@ -56,6 +61,8 @@ class HeadAttributionConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="items per forward pass")
     score: Literal["ablation", "estimate", "correlation"] = Field(
         "ablation", description="which view ranks heads (ablation: measured effect; others: the cheap views)")
+    split: bool = Field(True, description="choose candidates on half of the pairs and measure their ablation on the "
+                                          "other half, so the measured effects carry no selection bias")
 
 
 # --- pairs and targets ---------------------------------------------------------------------------
@@ -93,13 +100,17 @@ def biased_logodds(lp: torch.Tensor, biased: torch.Tensor) -> torch.Tensor:
 
 # --- one pass: log-odds, activity, attribution ------------------------------------------------------
 
-def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndarray]:
-    """Biased log-odds [N], head activity [N, L, H] and grad.z (first-order drop when ablated) [N, L, H]."""
+def _pass(handle: Any, items: Sequence[Any], activity: str, kind: str = "head") -> dict[str, np.ndarray]:
+    """Biased log-odds [N], unit activity [N, L, H] and grad.x (first-order drop when ablated) [N, L, H].
+
+    ``kind="head"``: units are heads (``attn.L.z`` per head); ``"mlp"``: each layer's MLP output
+    (``mlp.L.out``, H = 1)."""
     an = handle.anatomy
-    L, H, D = an.n_layers, an.n_heads, an.head_dim
+    L = an.n_layers
+    H, D = (an.n_heads, an.head_dim) if kind == "head" else (1, an.d_model)
     model = handle.model
-    # gradients must reach attn.L.z only: freeze the weights, make the embeddings' output require grad
-    sites = [f"attn.{l}.z" for l in range(L)]
+    # gradients must reach the unit sites only: freeze the weights, make the embeddings' output require grad
+    sites = [f"attn.{l}.z" if kind == "head" else f"mlp.{l}.out" for l in range(L)]
     with requires_grad(model, False):
         with torch.enable_grad(), Trace(handle, sites, detach=False, keep_passes=True, grad_from_embeddings=True) as zg:
             lp = choice_logprobs(handle, [loglik_prompt(x) for x in items], [loglik_options(x) for x in items],
@@ -116,8 +127,8 @@ def _pass(handle: Any, items: Sequence[Any], activity: str) -> dict[str, np.ndar
             norm = torch.zeros(n, L, H)
             k = 3
             for ci, call in enumerate(zg.passes):
-                for l in range(L):
-                    z = call[f"attn.{l}.z"]
+                for l, site in enumerate(sites):
+                    z = call[site]
                     g = z.grad if z.grad is not None else torch.zeros_like(z)
                     gz = (g * z).detach().view(z.shape[0], z.shape[1], H, D).sum(-1).sum(1)  # [B, H]
                     if ci == 0:
@@ -203,9 +214,16 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
     if an is None or not an.spec.is_decoder:
         raise ExciseError("head attribution on BBQ needs a decoder language model")
     pairs = pair_items(items)
-    if len(pairs) < 3:
-        raise ExciseError(f"head attribution needs >= 3 ambiguous/disambiguated pairs of one template, got {len(pairs)}")
+    need = MIN_PAIRS * (2 if cfg.split else 1)
+    if len(pairs) < need:
+        raise ExciseError(f"head attribution needs >= {need} ambiguous/disambiguated pairs of one template "
+                          f"({MIN_PAIRS} per half when split), got {len(pairs)}")
     L, H = an.n_layers, an.n_heads
+    if cfg.split:  # pairs come polarity-alternated: positions 0,3 | 1,2 of every four keep both halves mixed
+        measure = [p for i, p in enumerate(pairs) if i % 4 in (1, 2)]
+        pairs = [p for i, p in enumerate(pairs) if i % 4 in (0, 3)]
+    else:
+        measure = pairs
     flat = [x for p in pairs for x in p]  # a0, d0, a1, d1, ...
     parts = []
     it = range(0, len(flat), cfg.batch_size)
@@ -221,9 +239,9 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
     r, pval = _pearson(act[amb] - act[dis], sensitivity)
     r, pval = r.reshape(L, H), pval.reshape(L, H)
     estimate = est_items[amb].mean(0)  # [L, H], on ambiguous items
-    # causal check: really ablate the candidates
-    amb_items = [p[0] for p in pairs]
-    base = lo[amb]
+    # causal check: really ablate the candidates, on the measurement pairs
+    amb_items = [p[0] for p in measure]
+    base = lo[amb] if not cfg.split else mean_logodds(handle, amb_items, cfg.batch_size)
     if cfg.n_candidates == 0:
         cands = [(l, h) for l in range(L) for h in range(H)]
     else:
@@ -242,11 +260,12 @@ def attribute_heads(handle: Any, items: Sequence[Any], cfg: HeadAttributionConfi
         abl[l, h], abl_lo[l, h], abl_hi[l, h] = e.value, e.lo, e.hi
     view = {"ablation": abl, "estimate": estimate, "correlation": r}[cfg.score]
     scores = Scores(kind="head", values=torch.tensor(view, dtype=torch.float32), method=f"bbq-heads/{cfg.score}",
-                    meta={"n_pairs": len(pairs), "candidates": cands})
+                    meta={"n_pairs": len(pairs), "n_measure_pairs": len(measure), "candidates": cands})
     return HeadAttribution(scores=scores, correlation=r, p_value=pval, estimate=estimate, ablation=abl,
                            ablation_lo=abl_lo, ablation_hi=abl_hi, n_pairs=len(pairs),
                            base_logodds=float(base.mean()),
                            meta={"activity": cfg.activity, "score": cfg.score, "n_candidates": len(cands),
+                                 "n_measure_pairs": len(measure), "split": cfg.split,
                                  "context_sensitivity_mean": float(sensitivity.mean())})
 
 

@@ -15,13 +15,14 @@ Stages of one run directory (each resumable, written atomically):
                   items; activation heatmaps after.
 ``report``        ``unlearning_results.csv`` (before/after per category with CIs), ``summary.json``.
 
-``model: planted`` runs the workflow on the planted-bias model (``excise.organisms.planted``),
-whose true bias heads are known, and adds precision@k of the localization.
+``model: biased`` runs it on the biased organism (``excise.organisms.biased_bbq``): evaluation on
+the templates it never saw, localization and fine-tuning on its training templates, and no item
+used to build it anywhere. ``model: planted`` runs the workflow on the planted-bias model
+(``excise.organisms.planted``), whose implanted heads are known, and adds precision@k against them.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -37,19 +38,18 @@ from excise.intervene.heads import HeadScales, scale_heads
 from excise.intervene.lora import (ChoiceExample, FinetuneConfig, base_state, finetune,
                                    load_mitigated as _load_mitigated, save_mitigated)
 from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
-from excise.locate.heads import HeadAttributionConfig, attribute_heads, pair_items, save_attribution
+from excise.locate.heads import MIN_PAIRS, HeadAttributionConfig, attribute_heads, pair_items, save_attribution
 from excise.measure.bbq import bias_scores
 from excise.models import load
+from excise.organisms.biased_bbq import BIASED, BiasedConfig, build_biased, check_unused, organism_split, training_examples
 from excise.organisms.planted import PlantedConfig, build_planted, planted_heads
 from excise.recipes.bbq_eval import predict, save_predictions
-from excise.recipes.bbq_report import summarize, summary_text, unlearning_rows
+from excise.recipes.bbq_report import activation_maps, summarize, summary_text, unlearning_rows
 from excise.report.html import end_of_run
-from excise.report.plots import heatmap
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
 from excise.tasks.bbq import CATEGORIES, check_category_list, load_bbq, sample_bbq, split_items
 from excise.tasks.bbq_prompts import loglik_options, loglik_prompt
-from excise.trace import Trace
 
 PLANTED = "planted"
 
@@ -62,7 +62,8 @@ class BBQDebiasConfig(BaseModel):
     """Settings of the BBQ debiasing workflow."""
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
-    model: str = Field("smollm2-135m-instruct", description="embedded default, local directory, hub id, or 'planted'")
+    model: str = Field("smollm2-135m-instruct", description="embedded default, local directory, hub id, "
+                                                            "'biased' (the biased organism) or 'planted'")
     categories: Annotated[list[str] | None, AfterValidator(check_category_list)] = Field(
         None, description="BBQ categories (None: all 11)")
     per_category: int = Field(24, ge=4, description="held-out evaluation items per category (stratified)")
@@ -73,7 +74,10 @@ class BBQDebiasConfig(BaseModel):
         None, description="held-out unit: whole templates, or a template's pair of answer entities (None: template, "
                           "or for model=planted the split its planted settings name, so its training items stay unseen)")
     pairs_per_category: int = Field(8, ge=1, description="ambiguous/disambiguated train pairs per category for localization")
-    finetune_per_category: int = Field(16, ge=1, description="disambiguated train items per category for the fine-tune")
+    finetune_per_category: int = Field(16, ge=1, description="train items per category for the fine-tune")
+    finetune_on: Literal["disambig", "both"] = Field(
+        "disambig", description="fine-tune items: disambiguated ones (the seed's method), or both conditions "
+                                "(ambiguous ones then teach the 'unknown' answer), each with its correct answer")
     localize: HeadAttributionConfig = Field(default_factory=HeadAttributionConfig, description="head localizer")
     select: SelectConfig = Field(default_factory=lambda: SelectConfig(method="topk", k=3),
                                  description="which heads to prune (top-k or threshold over the head scores)")
@@ -81,6 +85,8 @@ class BBQDebiasConfig(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=_default_finetune, description="fine-tune after pruning")
     do_finetune: bool = Field(True, description="run the fine-tune stage (False: soft-pruning only)")
     planted: PlantedConfig = Field(default_factory=PlantedConfig, description="how the planted model is built (model=planted)")
+    biased: BiasedConfig = Field(default_factory=BiasedConfig, description="how the biased organism is built "
+                                                                           "(model=biased; its split replaces eval_fraction)")
     trace_items: int = Field(4, ge=1, description="prompts traced for the activation heatmaps")
     batch_size: int = Field(8, ge=1, description="items per forward pass in evaluation")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples for the bias-score CIs")
@@ -93,6 +99,8 @@ class BBQDebiasConfig(BaseModel):
     def _resolve_split(self) -> "BBQDebiasConfig":
         if self.split_by is None:
             self.split_by = self.planted.split_by if self.model == PLANTED else "template"
+        if self.model == BIASED and self.categories is None:
+            self.categories = list(self.biased.categories)
         return self
 
 
@@ -101,7 +109,13 @@ class BBQDebiasConfig(BaseModel):
 def workflow_items(cfg: BBQDebiasConfig) -> dict[str, list[Any]]:
     """Held-out eval sample, train pairs for localization, disambiguated train items for the fine-tune."""
     items = load_bbq(cfg.categories, data_dir=cfg.data_dir)
-    train, held = split_items(items, cfg.eval_fraction, cfg.seed, cfg.split_by)
+    if cfg.model == BIASED:  # the organism's own split; the items it was built from are used nowhere
+        parts = organism_split(cfg.biased, items)
+        used = {(x.category, x.example_id) for x in training_examples(cfg.biased, parts["train"])[1]}
+        train = [x for x in parts["train"] if (x.category, x.example_id) not in used]  # held-out names: the check
+        held = parts["heldout_templates"]
+    else:
+        train, held = split_items(items, cfg.eval_fraction, cfg.seed, cfg.split_by)
     eval_items = sample_bbq(held, cfg.per_category, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     pairs: list[Any] = []
@@ -116,9 +130,9 @@ def workflow_items(cfg: BBQDebiasConfig) -> dict[str, list[Any]]:
         non = [p for p in cp if p[0].question_polarity == "nonneg"]
         mixed = [p for q in zip(neg, non) for p in q] + neg[len(non):] + non[len(neg):]
         pairs += mixed[: cfg.pairs_per_category]
-        used = {id(p[1]) for p in pairs}
-        dis = [x for x in tc if x.context_condition == "disambig" and id(x) not in used]
-        ft += sample_bbq(dis, cfg.finetune_per_category, seed=cfg.seed + 7)
+        used = {id(x) for p in pairs for x in p}
+        pool = [x for x in tc if (cfg.finetune_on == "both" or x.context_condition == "disambig") and id(x) not in used]
+        ft += sample_bbq(pool, cfg.finetune_per_category, seed=cfg.seed + 7)
     if not eval_items:
         raise ExciseError("no held-out BBQ items: check categories and eval_fraction")
     return {"eval": eval_items, "pairs": [x for p in pairs for x in p], "finetune": ft}
@@ -126,46 +140,6 @@ def workflow_items(cfg: BBQDebiasConfig) -> dict[str, list[Any]]:
 
 def _ids(items: Sequence[Any]) -> list[list[Any]]:
     return [[x.category, x.example_id] for x in items]
-
-
-# --- activation heatmaps -----------------------------------------------------------------------------
-
-def activation_maps(handle: Any, items: Sequence[Any], directory: Path, tag: str) -> dict[str, Any]:
-    """Hidden states (every layer and the last), MLP outputs and every head's attention for the
-    traced prompts, as heatmaps; returns the per-layer summaries (for before/after differences)."""
-    an = handle.anatomy
-    L, H = an.n_layers, an.n_heads
-    texts = [loglik_prompt(x) for x in items]
-    batch = handle.encode(texts)
-    eager = getattr(handle.model.config, "_attn_implementation", None) in (None, "eager")
-    sites = ["resid.*", "mlp.*.out"] + (["attn.*.pattern"] if eager else [])
-    with torch.inference_mode(), Trace(handle, sites, pool="last") as tr:
-        handle.model(**batch)
-    resid = np.stack([tr.cache[f"resid.{l}"].float().norm(dim=-1).cpu().numpy() for l in range(L)])  # [L, B]
-    mlp = np.stack([tr.cache[f"mlp.{l}.out"].float().norm(dim=-1).cpu().numpy() for l in range(L)])
-    last = tr.cache[f"resid.{L - 1}"][0].float().cpu().numpy()
-    labels = [f"{x.category[:10]}#{x.example_id}" for x in items]
-    heatmap(resid, directory / f"hidden_norms_{tag}.png", title=f"hidden state L2 norm at the last token ({tag})",
-            xlabel="prompt", ylabel="layer", xticklabels=labels)
-    heatmap(mlp, directory / f"mlp_out_norms_{tag}.png", title=f"MLP output L2 norm at the last token ({tag})",
-            xlabel="prompt", ylabel="layer", xticklabels=labels)
-    w = int(math.ceil(math.sqrt(last.size)))
-    grid = np.full(w * w, np.nan)
-    grid[: last.size] = last
-    heatmap(grid.reshape(w, w), directory / f"last_hidden_{tag}.png", cmap="RdBu_r", center=0.0,
-            title=f"last-layer hidden state, prompt 0 ({tag}; {last.size} dims folded)")
-    out: dict[str, Any] = {"resid_norm": resid.mean(1).tolist(), "mlp_norm": mlp.mean(1).tolist()}
-    if eager:
-        n0 = int(batch["attention_mask"][0].sum())
-        att = np.stack([tr.cache[f"attn.{l}.pattern"][0, :, :n0].float().cpu().numpy() for l in range(L)])  # [L,H,T]
-        heatmap(att.reshape(L * H, n0), directory / f"attention_heads_{tag}.png",
-                title=f"last-token attention of every head over prompt 0 ({tag})", xlabel="token",
-                ylabel=f"layer*{H}+head")
-        ent = -(np.clip(att, 1e-12, 1) * np.log(np.clip(att, 1e-12, 1))).sum(-1)  # [L, H]
-        heatmap(ent, directory / f"attention_entropy_{tag}.png", title=f"last-token attention entropy ({tag})",
-                xlabel="head", ylabel="layer")
-        out["attention_entropy"] = ent.tolist()
-    return out
 
 
 # --- the workflow ----------------------------------------------------------------------------------
@@ -179,6 +153,11 @@ def planted_config(cfg: BBQDebiasConfig) -> PlantedConfig:
 def _load(cfg: BBQDebiasConfig, console: Any = None, load_base: Any = None) -> tuple[Any, list[tuple[int, int]] | None]:
     if load_base is not None:
         return load_base(), None
+    if cfg.model == BIASED:
+        d = build_biased(cfg.biased, console=console, device=cfg.device)
+        h = load(str(d), device=cfg.device, dtype=cfg.dtype, attn_implementation="eager")
+        h.name = str(d)
+        return h, None
     if cfg.model == PLANTED:
         d = build_planted(planted_config(cfg), console=console)
         h = load(str(d), device=cfg.device, dtype=cfg.dtype, attn_implementation="eager")
@@ -216,11 +195,15 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
     run = Run(out, {"workflow": "bbq", **cfg.model_dump(mode="json")}, force=force)
     say = console.print if console is not None else (lambda *a, **k: None)
     data = workflow_items(cfg)  # data first (cheap), then the model: both before the first write
-    if "localize" in stages and not run.is_done("localize") and len(data["pairs"]) // 2 < 3:
-        raise setting_error(source, ("pairs_per_category",), f"head localization needs at least 3 ambiguous/"
-                            f"disambiguated pairs in all; the data gives {len(data['pairs']) // 2} "
+    need = MIN_PAIRS * (2 if cfg.localize.split else 1)
+    if "localize" in stages and not run.is_done("localize") and len(data["pairs"]) // 2 < need:
+        raise setting_error(source, ("pairs_per_category",), f"head localization needs at least {need} ambiguous/"
+                            f"disambiguated pairs in all (half choose heads, half measure them); the data gives "
+                            f"{len(data['pairs']) // 2} "
                             f"(pairs_per_category={cfg.pairs_per_category}); raise it or add categories")
     handle, truth = _load(cfg, console, load_base)
+    if cfg.model == BIASED:
+        check_unused(handle.name, data)
     _check_selection(cfg, handle.anatomy, source)
     say(f"[bold]{cfg.model}[/]: {len(data['eval'])} held-out eval items, {len(data['pairs']) // 2} localization pairs, "
         f"{len(data['finetune'])} fine-tune items")
@@ -276,7 +259,7 @@ def run_bbq(cfg: BBQDebiasConfig, out: str | Path, *, force: bool = False, conso
                 if base_now.keys() != base_sd.keys():
                     raise ExciseError("the adapter changed the base model's parameter set")
                 m["base_weights_max_change"] = max(float((base_now[k] - base_sd[k]).abs().max()) for k in base_sd)
-        save_mitigated(handle, d / "model", head_scales=scales, base=cfg.model if cfg.model != PLANTED else handle.name,
+        save_mitigated(handle, d / "model", head_scales=scales, base=cfg.model if cfg.model not in (PLANTED, BIASED) else handle.name,
                        meta={"name": f"{cfg.model}+mitigated", "pruned_heads": [list(h) for h in heads]})
         # outputs of the in-memory mitigated model, for the reload check
         ref = _probe(handle, data["eval"][:4], scales)
@@ -375,7 +358,7 @@ def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = 
     """`excise run recipes/bbq_debias.yaml`: validate the settings and run the workflow."""
     cfg = validate(BBQDebiasConfig, settings, source)
     if quick:
-        cfg = cfg.model_copy(update={"per_category": min(cfg.per_category, 8), "pairs_per_category": min(cfg.pairs_per_category, 4),
+        cfg = cfg.model_copy(update={"per_category": min(cfg.per_category, 8), "pairs_per_category": min(cfg.pairs_per_category, 6),
                                      "finetune": cfg.finetune.model_copy(update={"steps": min(cfg.finetune.steps, 3)})})
     s = run_bbq(cfg, out, force=force, console=console, source=source)
     if console is not None and s:

@@ -18,6 +18,7 @@ Metrics: :func:`excise.measure.bbq.bias_scores`.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
@@ -34,7 +35,7 @@ from excise.models import load
 from excise.run import Run, seed_everything
 from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, check_category_list, load_bbq, load_bbq_hf, load_jsonl,
                               packaged_bbq_dir, parse_row, sample_bbq)
-from excise.tasks.bbq_items import BBQItem, attach_targets, find_templates_dir
+from excise.tasks.bbq_items import BBQItem, attach_targets, find_templates_dir, norm_question_index
 from excise.tasks.bbq_prompts import LETTERS, letter_prompt, letter_token_ids, loglik_requests, match_answer
 
 Mode = Literal["loglik", "letter", "generate"]
@@ -200,16 +201,117 @@ def _summary(rep: BiasReport) -> dict:
 
 # ============================================================================ `excise bbq score`
 
-def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | Path | None = None) -> tuple[list[dict], dict]:
+def score_data_dir(data_dir: str | Path | None = None) -> Path | None:
+    """The BBQ data `excise bbq score` checks rows against and takes targets from: ``data_dir`` (which
+    must be a directory) or the packaged copy; None when there is no packaged copy."""
+    if data_dir:
+        d = Path(data_dir)
+        if not d.is_dir():
+            raise ExciseError("BBQ data directory not found (a directory of <Category>.jsonl files is expected)"
+                              if not d.exists() else "not a directory (a directory of <Category>.jsonl files is expected)",
+                              where=str(d))
+        return d
+    try:
+        return packaged_bbq_dir()
+    except ExciseError:
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _data_items(path_s: str, _mtime: int) -> dict[int, BBQItem]:
+    out: dict[int, BBQItem] = {}
+    for x in load_jsonl(path_s):
+        out.setdefault(x.example_id, x)
+    return out
+
+
+def data_items(d: Path | None, category: str) -> dict[int, BBQItem] | None:
+    """example_id -> the item of ``<d>/<category>.jsonl`` (cached per file and modification time);
+    None when there is no such file."""
+    if d is None:
+        return None
+    f = d / f"{category}.jsonl"
+    if not f.is_file():
+        return None
+    f = f.resolve()
+    return _data_items(str(f), f.stat().st_mtime_ns)
+
+
+def check_against_data(item: BBQItem, row: dict, d: Path | None, path: Path, lineno: int) -> bool:
+    """Check a prediction row against the BBQ data it claims to come from; returns whether the data
+    lists it. The category must be a BBQ category. When ``<d>/<category>.jsonl`` exists, the row's
+    example_id must be in it (rows carrying their own ``target_loc`` excepted: they are scored with
+    it and counted as not in the data) and question_index, ans0-ans2, label, context_condition and
+    question_polarity must agree with that item; a missing question_index is taken from it.
+    Errors name ``file:line:field``."""
+    if item.category not in CATEGORIES:
+        raise ExciseError(f"unknown BBQ category {item.category!r}; expected one of {', '.join(CATEGORIES)}",
+                          where=where(path, lineno, "category"))
+    if row.get("question_index") is None:
+        item.question_index = ""
+    known = data_items(d, item.category)
+    if known is None:
+        return False
+    c = known.get(item.example_id)
+    hint = " (predictions on other BBQ-format data: pass --data-dir with that data)"
+    if c is None:
+        if item.target_source == "row":
+            return False
+        raise ExciseError(f"{item.category} example_id {item.example_id} is not in the BBQ data "
+                          f"({d / (item.category + '.jsonl')}), so it has no known target{hint}",
+                          where=where(path, lineno, "example_id"))
+    qi = norm_question_index(item.question_index)
+    if not qi:
+        item.question_index = c.question_index
+    elif qi != norm_question_index(c.question_index):
+        raise ExciseError(f"question_index {item.question_index!r} disagrees with the BBQ data's "
+                          f"{c.question_index!r} for {item.category} example_id {item.example_id} ({c.source}){hint}",
+                          where=where(path, lineno, "question_index"))
+    for i in range(3):
+        if item.answers[i].strip() != c.answers[i].strip():
+            raise ExciseError(f"{item.answers[i]!r} disagrees with the BBQ data's {c.answers[i]!r} for "
+                              f"{item.category} example_id {item.example_id} ({c.source}){hint}",
+                              where=where(path, lineno, f"ans{i}"))
+    for f in ("label", "context_condition", "question_polarity"):
+        if getattr(item, f) != getattr(c, f):
+            raise ExciseError(f"{getattr(item, f)!r} disagrees with the BBQ data's {getattr(c, f)!r} for "
+                              f"{item.category} example_id {item.example_id} ({c.source}){hint}",
+                              where=where(path, lineno, f))
+    return True
+
+
+def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | Path | None = None,
+                     stats: dict | None = None) -> tuple[list[dict], dict]:
     """Read predictions from any source: rows with the official BBQ fields plus ``pred`` (an answer
     index 0-2) or a text answer in one of ``prediction``/``answer``/``response``/``output``/
-    ``pred_text``, matched with :func:`excise.tasks.bbq_prompts.match_answer`. Targets come from
-    the row (``target_loc``), else the metadata file / derivation (:func:`excise.tasks.bbq_items.attach_targets`).
-    Returns (rows ready for :func:`excise.measure.bbq.bias_scores`, counts by match method)."""
+    ``pred_text``, matched with :func:`excise.tasks.bbq_prompts.match_answer`.
+
+    Rows are checked against the BBQ data (``data_dir``, else the packaged copy: the same source
+    the targets come from; :func:`check_against_data`): the category must be a BBQ category; where
+    the data has the category's ``<Category>.jsonl``, the example_id must be in it and
+    question_index, answers, label, condition and polarity must agree, else an error names
+    ``file:line:field``. Rows that carry their own ``target_loc`` (e.g. `excise bbq eval` output
+    on other data) need a known category and, when the data lists their id, the same checks; an id
+    the data does not list is scored with the row's target and counted (``stats["not_in_data"]``).
+    Targets come from the row (``target_loc``), else the data's ``additional_metadata.csv`` (whose
+    question_index must agree too) or the authors' derivation
+    (:func:`excise.tasks.bbq_items.attach_targets`).
+    Returns (rows ready for :func:`excise.measure.bbq.bias_scores`, counts by match method);
+    ``stats``, if given, receives ``data`` (``data_dir``, "packaged", or None: nothing to check against),
+    ``checked`` (rows found in it), ``not_in_data`` and ``unchecked`` (rows of a category the data
+    has no file for: user data without it, or no packaged copy)."""
     path = Path(path)
+    d = score_data_dir(data_dir)
     parsed: list[tuple[BBQItem, int | None, str, str | None]] = []
+    n_checked = n_not_in_data = n_unchecked = 0
     for lineno, row in iter_jsonl(path):
         item = parse_row(row, path, lineno)
+        if check_against_data(item, row, d, path, lineno):
+            n_checked += 1
+        elif data_items(d, item.category) is None:
+            n_unchecked += 1  # no <Category>.jsonl to check against (user data without it, no packaged copy)
+        else:
+            n_not_in_data += 1  # a row with its own target_loc whose id the data does not list
         if "pred" in row and row["pred"] is not None:
             p = row["pred"]
             if isinstance(p, bool) or not isinstance(p, int) or p not in (0, 1, 2):
@@ -228,14 +330,8 @@ def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | 
         p, how = match_answer(row[tf], item, lenient=lenient)
         parsed.append((item, p, how, row[tf]))
     items = [x for x, *_ in parsed]
-    if any(x.target_loc is None for x in items) or any(not x.label_type for x in items):
-        d = Path(data_dir) if data_dir else None
-        if d is None:
-            try:
-                d = packaged_bbq_dir()
-            except ExciseError:
-                d = None
-        attach_targets(items, metadata=(d / METADATA_FILE) if d else None, templates=find_templates_dir(d) if d else None)
+    # always: the metadata's question_index is checked for every row, not only those without a target
+    attach_targets(items, metadata=(d / METADATA_FILE) if d else None, templates=find_templates_dir(d) if d else None)
     rows, how_counts = [], {}
     for item, p, how, text in parsed:
         extra: dict[str, Any] = {"match": how}
@@ -243,17 +339,23 @@ def read_predictions(path: str | Path, *, lenient: bool = True, data_dir: str | 
             extra["response"] = text
         rows.append(prediction_row(item, p, "external", **extra))
         how_counts[how] = how_counts.get(how, 0) + 1
+    if stats is not None:
+        stats.update(data=None if d is None else (str(data_dir) if data_dir else "packaged"), checked=n_checked,
+                     not_in_data=n_not_in_data, unchecked=n_unchecked)
     return rows, how_counts
 
 
 def run_score(predictions: str | Path, out: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
               lenient: bool = True, data_dir: str | Path | None = None, console: Any = None) -> dict:
-    """`excise bbq score`: bias scores of a predictions JSONL, written atomically into ``out``."""
+    """`excise bbq score`: bias scores of a predictions JSONL, written atomically into ``out``. Rows are
+    checked against the BBQ data first (:func:`read_predictions`): a row that is not the BBQ item it
+    names is an error, not a silently mis-targeted score."""
     if n_boot < 10:
         raise ExciseError(f"--n-boot must be at least 10 for a 95% CI, got {n_boot}")
     out = Path(out) if out else Path(predictions).with_suffix("").with_name(Path(predictions).stem + "_scores")
     check_out_dir(out)
-    rows, how = read_predictions(predictions, lenient=lenient, data_dir=data_dir)
+    stats: dict[str, Any] = {}
+    rows, how = read_predictions(predictions, lenient=lenient, data_dir=data_dir, stats=stats)
     if not rows:
         raise ExciseError("no prediction rows", where=str(predictions))
     rep = bias_scores(rows, n_boot=n_boot, seed=seed)
@@ -261,8 +363,18 @@ def run_score(predictions: str | Path, out: str | Path | None = None, *, n_boot:
         rep.save(tmp, title=f"BBQ bias scores: {Path(predictions).name}")
         save_predictions(tmp / "matched_predictions.jsonl", rows)
         atomic_write_json(tmp / "match_counts.json", {"match_methods": how, "n_unmatched": rep.n_unmatched,
-                                                       "n_rows": rep.n_rows, "lenient": lenient})
+                                                       "n_rows": rep.n_rows, "lenient": lenient,
+                                                       "checked_against": stats["data"],
+                                                       "n_checked": stats["checked"],
+                                                       "n_not_in_data": stats["not_in_data"],
+                                                       "n_unchecked": stats["unchecked"]})
     text = rep.text() + "matched by: " + ", ".join(f"{k}={v}" for k, v in sorted(how.items())) + "\n"
+    if stats["unchecked"]:
+        text += (f"rows not checked against BBQ data (no <Category>.jsonl in {stats['data'] or 'no packaged copy'}): "
+                 f"{stats['unchecked']}\n")
+    if stats["not_in_data"]:
+        text += (f"rows not in the BBQ data ({stats['data']}), scored with their own target_loc: "
+                 f"{stats['not_in_data']}\n")
     if console is not None:
         console.print(text, markup=False, highlight=False)
     return {"dir": str(out), "match_methods": how, "n_unmatched": rep.n_unmatched, "summary": _summary(rep), "text": text}

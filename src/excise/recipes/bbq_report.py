@@ -1,10 +1,19 @@
 """Reporting of the BBQ workflow (:mod:`excise.recipes.bbq_debias`): before/after rows with CIs
-(``unlearning_results.csv``), the summary dict (``summary.json``) and its text form."""
+(``unlearning_results.csv``), the summary dict (``summary.json``), its text form and the
+activation heatmaps."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from excise.report.plots import heatmap
+from excise.tasks.bbq_prompts import loglik_prompt
+from excise.trace import Trace
 
 METRICS = ("s_amb", "s_dis", "acc_ambig", "acc_disambig")
 
@@ -79,3 +88,41 @@ def summary_text(s: dict) -> str:
         lines.append(f"  planted heads {s['planted_heads']}: localization precision@{len(s['planted_heads'])} = "
                      f"{s['precision_at_k']:.2f}")
     return "\n".join(lines) + "\n"
+
+
+def activation_maps(handle: Any, items: Sequence[Any], directory: Path, tag: str) -> dict[str, Any]:
+    """Hidden states (every layer and the last), MLP outputs and every head's attention for the
+    traced prompts, as heatmaps; returns the per-layer summaries (for before/after differences)."""
+    an = handle.anatomy
+    L, H = an.n_layers, an.n_heads
+    texts = [loglik_prompt(x) for x in items]
+    batch = handle.encode(texts)
+    eager = getattr(handle.model.config, "_attn_implementation", None) in (None, "eager")
+    sites = ["resid.*", "mlp.*.out"] + (["attn.*.pattern"] if eager else [])
+    with torch.inference_mode(), Trace(handle, sites, pool="last") as tr:
+        handle.model(**batch)
+    resid = np.stack([tr.cache[f"resid.{l}"].float().norm(dim=-1).cpu().numpy() for l in range(L)])  # [L, B]
+    mlp = np.stack([tr.cache[f"mlp.{l}.out"].float().norm(dim=-1).cpu().numpy() for l in range(L)])
+    last = tr.cache[f"resid.{L - 1}"][0].float().cpu().numpy()
+    labels = [f"{x.category[:10]}#{x.example_id}" for x in items]
+    heatmap(resid, directory / f"hidden_norms_{tag}.png", title=f"hidden state L2 norm at the last token ({tag})",
+            xlabel="prompt", ylabel="layer", xticklabels=labels)
+    heatmap(mlp, directory / f"mlp_out_norms_{tag}.png", title=f"MLP output L2 norm at the last token ({tag})",
+            xlabel="prompt", ylabel="layer", xticklabels=labels)
+    w = int(math.ceil(math.sqrt(last.size)))
+    grid = np.full(w * w, np.nan)
+    grid[: last.size] = last
+    heatmap(grid.reshape(w, w), directory / f"last_hidden_{tag}.png", cmap="RdBu_r", center=0.0,
+            title=f"last-layer hidden state, prompt 0 ({tag}; {last.size} dims folded)")
+    out: dict[str, Any] = {"resid_norm": resid.mean(1).tolist(), "mlp_norm": mlp.mean(1).tolist()}
+    if eager:
+        n0 = int(batch["attention_mask"][0].sum())
+        att = np.stack([tr.cache[f"attn.{l}.pattern"][0, :, :n0].float().cpu().numpy() for l in range(L)])  # [L,H,T]
+        heatmap(att.reshape(L * H, n0), directory / f"attention_heads_{tag}.png",
+                title=f"last-token attention of every head over prompt 0 ({tag})", xlabel="token",
+                ylabel=f"layer*{H}+head")
+        ent = -(np.clip(att, 1e-12, 1) * np.log(np.clip(att, 1e-12, 1))).sum(-1)  # [L, H]
+        heatmap(ent, directory / f"attention_entropy_{tag}.png", title=f"last-token attention entropy ({tag})",
+                xlabel="head", ylabel="layer")
+        out["attention_entropy"] = ent.tolist()
+    return out

@@ -102,6 +102,9 @@ def dry_run_settings(workflow: str, settings: dict) -> dict:
     s.pop("plan", None)
     if workflow in ("bbq", "concept", "fair", "captions") and s.get("model") not in (None, "organism", "planted"):
         s["model"] = str(tiny_like(s["model"]))
+    if workflow == "bbq" and s.get("model") == "biased":  # an organism of a tiny base, two steps
+        b = dict(s.get("biased") or {})
+        s["biased"] = {**b, "base": str(tiny_like(b.get("base", "smollm2-135m-instruct"))), "steps": 2}
     if workflow in ("bbq", "concept", "fair", "captions"):
         s["device"] = "cpu"
         if "dtype" in s:

@@ -17,6 +17,7 @@ from excise.errors import ExciseError
 WORKFLOWS = {
     "inspect": "excise.recipes.inspect",
     "bbq": "excise.recipes.bbq_debias",
+    "bbq-study": "excise.recipes.bbq_study",
     "concept": "excise.recipes.concept_unlearn",
     "undo": "excise.recipes.robust_unlearn",
     "pipeline": "excise.recipes.pipeline",

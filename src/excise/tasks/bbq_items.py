@@ -17,7 +17,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from excise.errors import ExciseError, where
 
@@ -96,8 +96,31 @@ def find_templates_dir(data_dir: Path) -> Path | None:
     return None
 
 
-def load_metadata(path: str | Path) -> dict[tuple[str, int], tuple[int | None, str]]:
-    """Read ``additional_metadata.csv``: (category, example_id) -> (target_loc or None, label_type).
+class MetaRow(NamedTuple):
+    """One ``additional_metadata.csv`` row as :func:`attach_targets` uses it."""
+
+    target_loc: int | None
+    label_type: str
+    question_index: str  # "" when the file has no question_index column
+
+
+def norm_question_index(v: Any) -> str:
+    """A question_index as text for comparison: "24", 24 and 24.0 are the same; None is ""."""
+    if v is None:
+        return ""
+    s = str(v).strip()
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    return str(int(f)) if f.is_integer() else s
+
+
+def load_metadata(path: str | Path) -> dict[tuple[str, int], MetaRow]:
+    """Read ``additional_metadata.csv``: (category, example_id) -> :class:`MetaRow` (target_loc or
+    None, label_type, question_index). The authors' script joins on (category, question_index,
+    example_id); :func:`attach_targets` keys on (category, example_id) and treats a question_index
+    that disagrees as an error. The question_index column is optional (user-made files).
 
     Cached per (path, modification time): the file has 58k rows and every load reads it."""
     path = Path(path).resolve()
@@ -105,14 +128,15 @@ def load_metadata(path: str | Path) -> dict[tuple[str, int], tuple[int | None, s
 
 
 @functools.lru_cache(maxsize=4)
-def _load_metadata(path_s: str, _mtime: int) -> dict[tuple[str, int], tuple[int | None, str]]:
+def _load_metadata(path_s: str, _mtime: int) -> dict[tuple[str, int], MetaRow]:
     path = Path(path_s)
-    out: dict[tuple[str, int], tuple[int | None, str]] = {}
+    out: dict[tuple[str, int], MetaRow] = {}
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         for col in ("category", "example_id", "target_loc", "label_type"):
             if col not in (reader.fieldnames or []):
                 raise ExciseError("missing column", where=where(path, 1, col))
+        has_qi = "question_index" in (reader.fieldnames or [])
         for row in reader:
             line = reader.line_num
             try:
@@ -129,7 +153,9 @@ def _load_metadata(path_s: str, _mtime: int) -> dict[tuple[str, int], tuple[int 
                     raise ExciseError(f"expected 0, 1, 2 or NA, got {t!r}", where=where(path, line, "target_loc")) from None
                 if loc not in (0, 1, 2):
                     raise ExciseError(f"expected 0, 1, 2 or NA, got {t!r}", where=where(path, line, "target_loc"))
-            out[(row["category"], eid)] = (loc, row["label_type"])
+            qi = norm_question_index(row["question_index"]) if has_qi else ""
+            qi = "" if qi == "NA" else qi
+            out[(row["category"], eid)] = MetaRow(loc, row["label_type"], qi)
     return out
 
 
@@ -158,23 +184,39 @@ def load_templates(templates_dir: str | Path | None) -> dict[tuple[str, str], di
 def attach_targets(items: list[BBQItem], *, metadata: str | Path | None = None,
                    templates: str | Path | None = None) -> dict[str, int]:
     """Give each item ``target_loc``/``label_type``: the metadata file's values when it lists the item,
-    else :func:`derive_target`. Returns counts by source (``metadata``, ``derived``, ``none``)."""
+    else :func:`derive_target`. Items whose target came with the row (``target_source == "row"``)
+    keep it (only a missing ``label_type`` is derived). Returns counts by source (``row``,
+    ``metadata``, ``derived``, ``none``).
+
+    The metadata file is keyed on (category, example_id); like the authors' join, which also
+    matches question_index, an item the file lists under another question_index is an error
+    naming the item's ``file:line:question_index`` (whatever the target source). An item without
+    a question_index takes the file's."""
     meta = load_metadata(metadata) if metadata is not None and Path(metadata).exists() else {}
     tmpl = load_templates(templates)
     counts = {"row": 0, "metadata": 0, "derived": 0, "none": 0}
     for it in items:
+        m = meta.get((it.category, it.example_id))
+        if m is not None and m.question_index:
+            qi = norm_question_index(it.question_index)
+            if not qi:
+                it.question_index = m.question_index
+            elif qi != m.question_index:
+                raise ExciseError(
+                    f"question_index {it.question_index!r} disagrees with {metadata}, which lists {it.category} "
+                    f"example_id {it.example_id} under question_index {m.question_index!r}",
+                    where=where(it.source or "<item>", None, "question_index"))
         if it.target_source == "row":
             counts["row"] += 1
             if not it.label_type:
                 it.label_type = derive_target(it, tmpl)[1]
             continue
-        m = meta.get((it.category, it.example_id))
-        if m is not None and m[0] is not None:
-            it.target_loc, it.label_type, it.target_source = m[0], m[1], "metadata"
+        if m is not None and m.target_loc is not None:
+            it.target_loc, it.label_type, it.target_source = m.target_loc, m.label_type, "metadata"
             counts["metadata"] += 1
             continue
         loc, lt = derive_target(it, tmpl)
-        it.target_loc, it.label_type = loc, (m[1] if m is not None and m[1] else lt)
+        it.target_loc, it.label_type = loc, (m.label_type if m is not None and m.label_type else lt)
         it.target_source = "derived" if loc is not None else ""
         counts["derived" if loc is not None else "none"] += 1
     return counts
