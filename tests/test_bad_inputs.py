@@ -188,6 +188,13 @@ def _workspace(tmp_path_factory) -> Path:
         (resumed / st / "stage.json").write_text('{"status": "done"}')
     (resumed / "localize" / "selected_heads.json").write_text('{"heads": [["a", 1.5]]}')
     (resumed / "localize" / "metrics.json").write_text("{}")
+    # a finished run of another config, for --force with bad input: it must be left exactly as it was
+    old = w / "oldrun"
+    (old / "data").mkdir(parents=True)
+    (old / "config.json").write_text('{"workflow": "bbq-eval", "model": "an older run"}\n')
+    (old / "run.json").write_text('{"stages": {"data": {"seconds": 1.0}}}\n')
+    (old / "data" / "stage.json").write_text('{"status": "done"}\n')
+    (old / "data" / "items.jsonl").write_text('{"example_id": 0}\n')
     (w / "cwd").mkdir()
     return w
 
@@ -388,6 +395,18 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
     add("run-missing", ["run", "{W}/nosuch.yaml", *out], "recipe not found")
     add("run-dir", ["run", "{W}/adir", *out], "adir")
     add("run-set", ["run", "{W}/recipes/inspect_n.yaml", "--set", "n_prompts=-1", *out], "n_prompts")
+    # ---- --force on an existing run: bad input is refused before the old run is touched (the first stage's
+    # own checks included: a forced run's predecessor is only moved aside until that stage finishes)
+    force = ["--out", "{W}/oldrun", "--force"]
+    for name in ("bbq_emptydata", "bbq_model", "bbq_k", "concept_spec", "concept_model", "concept_k", "undo_forget_bin",
+                 "undo_model", "undo_from", "fair_model", "fair_user_empty", "captions_data_bad", "captions_model",
+                 "inspect_cat", "pipeline_loc"):
+        add(f"force-run-{name}", ["run", f"{{W}}/recipes/{name}.yaml", *force], needles[name])
+    add("force-eval-model", bbq_eval[:-2] + ["--model", "{W}/badweights", *force], "model.safetensors")
+    add("force-eval-data", bbq_eval[:-2] + ["--data-dir", "{W}/bbq_empty", *force], "bbq_empty/Age.jsonl")
+    add("force-eval-device", bbq_eval[:-2] + ["--device", "tpu9", *force], "tpu9")
+    add("force-localize-k", loc[:-2] + ["--k", "1000", *force], "1000")
+    add("force-undo-run", ["undo", "run", "--config", "{W}/recipes/undo_model.yaml", *force], "model.safetensors")
     add("models-json-arg", ["models", "--nosuch"], "--nosuch")
     add("demo-unknown", ["demo", "nosuch", *out], "nosuch")
     return c
@@ -457,7 +476,7 @@ def _cli(args, cwd, timeout=180):
 
 
 @pytest.mark.parametrize("cid", ["eval-model-badweights", "eval-bbq_bin", "unlearn-eval-n", "eval-seed-text",
-                                 "run-undo_alpha"])
+                                 "run-undo_alpha", "force-run-undo_model"])
 def test_bad_input_subprocess(ws, cid):
     _, argv, needles = next(c for c in CASES if c[0] == cid)
     argv = [a.replace("{W}", str(ws)) for a in argv]

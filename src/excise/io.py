@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -78,6 +79,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file with its metadata keys sorted: the library writes them in a random order,
+    so the same tensors would not always give the same bytes (same seed, same bytes)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    out = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(out, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned, as the format asks
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

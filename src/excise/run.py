@@ -5,10 +5,14 @@
 * Each stage is built in a temporary folder and moved into place when it finishes, so a crash
   leaves no half-written stage; a finished stage (``stage.json`` present) is skipped on re-run.
 * Metrics are written as ``metrics.json`` and ``metrics.csv`` beside the stage's other outputs.
+* A long stage keeps resumable pieces in ``.checkpoints/<stage>`` (:mod:`excise.resume`,
+  :mod:`excise.train`), removed when the stage finishes; what a killed run left half-written
+  (``.*.tmp``) is removed when a stage starts. A run directory has one writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from excise.errors import ExciseError
 from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, check_out_dir, read_json
+from excise.resume import clean_temp, kill_point
 
 
 def seed_everything(seed: int) -> None:
@@ -155,6 +160,8 @@ class Run:
     ExciseError unless ``force``). The directory, ``config.json`` and ``run.json`` are created
     when the first stage starts (or on :meth:`start`), and ``force`` clears an old run only then,
     so bad input found between constructing the run and its first stage leaves nothing behind.
+    The old run is moved aside, not deleted, until the first stage finishes: bad input found
+    inside that stage (an ExciseError) puts it back unchanged.
     """
 
     CONFIG = "config.json"
@@ -164,6 +171,7 @@ class Run:
         # resolved, JSON-normal form (NaN -> null, so a config with NaN still resumes)
         self.config = json.loads(json.dumps(_nan_to_none(dict(config)), default=str))
         self._clear_first = False
+        self._old: Path | None = None  # a forced run's predecessor, moved aside until the first stage is done
         if not is_main_process():  # launched processes other than the main one never write the run directory
             self._started = True
             return
@@ -201,7 +209,9 @@ class Run:
         if self._started:
             return self
         if self._clear_first and self.dir.exists():
-            shutil.rmtree(self.dir)
+            self._old = self.dir.with_name(f".{self.dir.name}.replaced.tmp")
+            shutil.rmtree(self._old, ignore_errors=True)
+            os.replace(self.dir, self._old)
         self._clear_first = False
         missing = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
         self._created = {"dir": missing[-1] if missing else None}  # the topmost folder start() makes
@@ -229,9 +239,14 @@ class Run:
         return self.dir / name
 
     def checkpoint_dir(self, name: str) -> Path:
-        """Where a stage's training loop keeps resumable checkpoints (``excise.train``): outside the
-        stage's temporary folder, so a killed run resumes mid-stage; removed once the stage is done."""
+        """Where a stage keeps resumable checkpoints (``excise.train``, ``excise.resume.Points``): outside
+        the stage's temporary folder, so a killed run resumes mid-stage; removed once the stage is done."""
         return self.dir / ".checkpoints" / name
+
+    def _drop_checkpoints(self, name: str) -> None:
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.dir / ".checkpoints").rmdir()  # only when no other stage keeps checkpoints
 
     def is_done(self, name: str) -> bool:
         return not self._clear_first and (self.stage_dir(name) / "stage.json").exists()
@@ -260,6 +275,10 @@ class Run:
             metrics = read_json(final / "metrics.json") if (final / "metrics.json").exists() else None
             if not isinstance(info, dict) or info.get("status") != "done":
                 raise ExciseError(f"corrupt run directory: {final / 'stage.json'} has no status 'done'; pass --force")
+            if is_main_process():  # a run killed between finishing a stage and tidying up
+                clean_temp(self.dir)
+                if self.checkpoint_dir(name).exists():
+                    self._drop_checkpoints(name)
             return StageResult(name, final, metrics, skipped=True)
         if not is_main_process():
             # under `accelerate launch` every process runs the stage (training needs them all), only
@@ -269,6 +288,9 @@ class Run:
             return StageResult(name, final, metrics, skipped=False)
         first = not self._started
         self.start()
+        clean_temp(self.dir)  # stages, run.json or a report a killed run left half-written
+        if self._old is None:  # a forced run's predecessor a killed run left moved aside
+            clean_temp(self.dir.parent, f"{self.dir.name}.replaced")
         t0, c0 = time.time(), time.process_time()
         try:
             with atomic_dir(final) as tmp:
@@ -281,10 +303,18 @@ class Run:
         except ExciseError:
             if first:  # bad input found inside the first stage: leave no half-started run behind
                 self._unstart()
+                if self._old is not None:  # and put a forced run's predecessor back as it was
+                    os.replace(self._old, self.dir)
+                    self._old = None
             raise
-        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+        finally:
+            if self._old is not None:  # the first stage finished (or failed for another reason): the new run stays
+                shutil.rmtree(self._old, ignore_errors=True)
+                self._old = None
+        kill_point(f"stage:{name}")
+        wait_for_everyone()  # the other processes may still read the stage's checkpoints
+        self._drop_checkpoints(name)
         self._record_stage(name, timing)
-        wait_for_everyone()
         return StageResult(name, final, metrics, skipped=False)
 
     def _record_stage(self, name: str, timing: Mapping[str, Any]) -> None:

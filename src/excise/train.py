@@ -23,7 +23,7 @@ accelerate state (``save_state``: model, optimizer, every process's RNG), the sc
 step and the log are written to ``checkpoint_dir/step-N`` atomically (older ones removed). A
 later call with the same directory and config resumes from the newest one (``load_state``),
 skipping the batches already seen, so an interrupted and resumed run ends with the same weights
-as an uninterrupted one.
+as an uninterrupted one (``tests/test_kill_resume.py`` kills runs after random steps to check).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_scheduler
 
 from excise.errors import ExciseError
+from excise.resume import clean_temp, kill_point
 
 STATE_FILE = "train_state.json"
 
@@ -317,6 +318,8 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped, opt = acc.prepare(model, opt)
     start, log = 0, []
+    if checkpoint_dir is not None and acc.is_main_process:
+        clean_temp(checkpoint_dir, "step-")  # a checkpoint a killed run was writing
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is not None:
         start, log = _load_checkpoint(acc, ckpt, cfg, sched, source)
@@ -351,8 +354,10 @@ def train(model: Any, data: Any, loss_fn: Callable[[Any, Any], torch.Tensor], cf
                     "seconds": round(time.time() - t0, 3)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}")
+        kill_point(f"train:{desc}:step")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _save_checkpoint(acc, Path(checkpoint_dir), step + 1, log, cfg, sched)
+            kill_point(f"train:{desc}:checkpoint")
         if on_step is not None:
             stop = bool(on_step(step + 1, acc.unwrap_model(wrapped)))
             wrapped.train()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from excise.errors import ExciseError
-from excise.io import atomic_write_bytes
+from excise.io import atomic_write_bytes, canonical_safetensors
 
 UNIT_KINDS = ("head", "neuron", "feature", "param", "expert")
 
@@ -60,8 +60,8 @@ class Scores:
 
     def save(self, path: str) -> None:
         tensors = self.values if isinstance(self.values, dict) else {"values": self.values}
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                    metadata={"kind": self.kind, "method": self.method})
+        data = canonical_safetensors(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                          metadata={"kind": self.kind, "method": self.method}))
         atomic_write_bytes(path, data)
 
     @classmethod

@@ -11,7 +11,8 @@ Robustness summary per model (worst case over the learning-rate sweep = the stro
 ``auc`` = area under the forget-accuracy curve divided by the step span (a mean accuracy in
 [0, 1]; lower is more robust), the largest over learning rates, and ``steps_to_50`` = first
 evaluated step with forget accuracy >= 0.5, the smallest over learning rates (NaN with
-``reached_50`` False when no attack gets there within its steps).
+``reached_50`` False when no attack gets there within its steps). Each learning rate's entry also
+holds the attack's training loss at its last step (``final_loss``).
 
 Guard (a known pitfall of the reference code, whose "forget-only" attack loaded the retain
 set): :func:`attack_items` checks that forget-only attack data holds only forget operations.
@@ -30,6 +31,7 @@ from excise.errors import ExciseError
 from excise.intervene.unlearn_methods import cycle
 from excise.lm import lm_batch
 from excise.measure.arithmetic import accuracy_by_op
+from excise.resume import Points
 from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, train_items
 from excise.train import TrainConfig, train
 
@@ -86,8 +88,12 @@ def curve_summary(curve: Sequence[dict], key: str = "forget") -> dict:
 
 
 def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Sequence[Item],
-            items: Sequence[Item] | None = None) -> dict:
-    """Run the attack for every learning rate on a fresh copy of ``model``; the model itself is untouched."""
+            items: Sequence[Item] | None = None, points: Points | None = None, prefix: str = "") -> dict:
+    """Run the attack for every learning rate on a fresh copy of ``model``; the model itself is untouched.
+
+    With ``points`` each finished learning rate is kept (key ``<prefix>lr<lr>``) and skipped by a
+    re-run, so a killed sweep resumes where it was (each attack starts from its own seed, so a point
+    does not depend on the ones before it)."""
     data = attack_items(cfg.data, cfg.n_items, cfg.seed, items=items)
 
     groups = ("forget", "retain") if any(it.op in RETAIN_OPS for it in eval_items) else ("forget",)
@@ -96,8 +102,7 @@ def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Seque
         acc = accuracy_by_op(m, tokenizer, eval_items)
         return {g: acc[g].value for g in groups}
 
-    per_lr = []
-    for lr in cfg.lrs:
+    def attack(lr: float) -> dict:
         torch.manual_seed(cfg.seed)
         m = copy.deepcopy(model)
         stream = cycle(data, cfg.seed)
@@ -113,11 +118,13 @@ def relearn(model: Any, tokenizer: Any, cfg: RelearnConfig, *, eval_items: Seque
                 curve.append({"step": step, **evaluate(mm)})
             return False
 
-        train(m, batches(), lambda mm, b: mm(**b).loss,
-              TrainConfig(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed), on_step=on_step,
-              desc="relearn")
-        per_lr.append({"lr": lr, "curve": curve, **curve_summary(curve)})
-        del m
+        res = train(m, batches(), lambda mm, b: mm(**b).loss,
+                    TrainConfig(steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed), on_step=on_step,
+                    desc="relearn")
+        return {"lr": lr, "curve": curve, **curve_summary(curve), "final_loss": res.losses[-1]}
+
+    per_lr = [points.cached(f"{prefix}lr{lr:g}", lambda lr=lr: attack(lr)) if points is not None else attack(lr)
+              for lr in cfg.lrs]
     worst = max(per_lr, key=lambda r: r["auc"])
     hits = [r["steps_to_50"] for r in per_lr if r["reached_50"]]
     return {"data": cfg.data, "n_attack_items": len(data), "attack_ops": sorted({it.op for it in data}),

@@ -120,7 +120,7 @@ def _run_debias(stages, model, categories, per_category, scoring, out, seed, for
     console = Console()
     cfg = _debias_config(model, categories, per_category, scoring, seed, list(overrides), **extra)
     s = run_bbq(cfg, out, force=force, console=console, stages=stages)
-    if s:
+    if "report" in stages and s.get("model"):  # the summary exists once the report stage ran
         console.print(summary_text(s), markup=False, highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}")
 

@@ -240,11 +240,14 @@ def relearn(
     seed: int = typer.Option(0, help="seed"),
 ) -> None:
     """Relearning attack: fine-tune on forget-only (or mixed) data across a learning-rate sweep."""
+    import shutil
+
     from excise.attack.relearn_arithmetic import RelearnConfig
     from excise.attack.relearn_arithmetic import relearn as _relearn
     from excise.config import validate
     from excise.errors import ExciseError
     from excise.io import atomic_write_json
+    from excise.resume import Points
     from excise.tasks.arithmetic import FORGET_OPS, eval_items
     from excise.organisms.arithmetic import load_model
 
@@ -260,8 +263,10 @@ def relearn(
     held_out = _items(forget_file, "forget", 0, 0, "test") if forget_file else \
         eval_items(FORGET_OPS, cfg.eval_n_per_op, seed=2000 + seed)
     h = load_model(model)
-    res = _relearn(h.model, h.tokenizer, cfg, eval_items=held_out, items=items)
+    pts = Points(out / ".checkpoints" / "relearn")  # a killed sweep resumes at the learning rate it was in
+    res = _relearn(h.model, h.tokenizer, cfg, eval_items=held_out, items=items, points=pts)
     atomic_write_json(out / "relearn.json", res)
+    shutil.rmtree(out / ".checkpoints", ignore_errors=True)
     _console().print(f"relearn ({data}): AUC {res['auc']:.3f} (worst lr {res['worst_lr']}), steps to 50%: {res['steps_to_50']}")
 
 

@@ -30,11 +30,11 @@ import torch
 from peft import PeftModel
 from pydantic import Field
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from excise import losses as U
 from excise.errors import ExciseError
-from excise.io import atomic_dir
+from excise.io import atomic_dir, atomic_write_bytes, canonical_safetensors
 from excise.models.anatomy import Anatomy
 from excise.select import Mask
 from excise.tasks.concepts import encode_items
@@ -147,7 +147,8 @@ class MaskedLora:
             self.model.save_pretrained(str(tmp))
             tensors = {"units": self.mask.values.to(torch.uint8).contiguous()}
             tensors.update({f"columns::{k}": v.to(torch.uint8).contiguous() for k, v in self.col_masks.items()})
-            save_file(tensors, str(tmp / MASK_FILE), metadata={"kind": self.mask.kind, "format": "excise.masked_lora/1"})
+            atomic_write_bytes(tmp / MASK_FILE, canonical_safetensors(
+                safetensors_bytes(tensors, metadata={"kind": self.mask.kind, "format": "excise.masked_lora/1"})))
         return directory
 
     def merge_and_unload(self) -> Any:

@@ -110,10 +110,12 @@ def rmu_positions(batch: dict, loss_on: str) -> torch.Tensor:
 
 
 def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[Any] | None, cfg: UnlearnConfig,
-            *, progress: bool = False, checkpoint_dir: str | Path | None = None, info: dict | None = None) -> list[dict]:
+            *, progress: bool = False, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+            info: dict | None = None) -> list[dict]:
     """Unlearn in place; ``forget``/``retain`` are endless item streams (objects with ``prompt`` and ``text``).
 
     Trains through :func:`excise.train.train`; returns its per-step log (step, loss, lr, tokens, seconds).
+    With ``checkpoint_dir`` and ``checkpoint_every`` a killed run resumes from its last checkpoint.
     ``info`` (a dict, optional) receives what was measured before training: RMU's residual norm and c.
     """
     torch.manual_seed(cfg.seed)
@@ -187,7 +189,8 @@ def unlearn(model: Any, tokenizer: Any, forget: Iterator[Any], retain: Iterator[
             return L.rmu(fa, ra, fra, control, alpha=cfg.rmu_alpha, forget_mask=rmu_positions(b, cfg.loss_on),
                          retain_mask=b["retain_attention_mask"])
 
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, batch_size=cfg.batch_size, seed=cfg.seed,
+                       checkpoint_every=checkpoint_every if checkpoint_dir is not None else 0)
     return train(model, batches, loss_fn, tcfg, params=params, checkpoint_dir=checkpoint_dir, progress=progress,
                  desc=f"unlearn {cfg.method}").log
 

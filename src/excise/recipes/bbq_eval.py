@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, Field
+from tqdm.auto import tqdm
 
 from excise import lm
 from excise.config import Device
@@ -32,12 +33,16 @@ from excise.errors import ExciseError, where
 from excise.io import atomic_dir, atomic_write_json, atomic_write_jsonl, check_out_dir, iter_jsonl
 from excise.measure.bbq import BiasReport, GroupScores, bias_scores
 from excise.models import load
+from excise.resume import Points, chunked
 from excise.run import Run, seed_everything
 from excise.tasks.bbq import (CATEGORIES, METADATA_FILE, check_category_list, load_bbq, load_bbq_hf, load_jsonl,
                               packaged_bbq_dir, parse_row, sample_bbq)
 from excise.tasks.bbq_items import BBQItem, attach_targets, find_templates_dir, norm_question_index
 from excise.tasks.bbq_prompts import LETTERS, letter_prompt, letter_token_ids, loglik_requests, match_answer
 
+# predictions are made, and kept for a resumed run, in chunks of this many batches (the same chunks
+# fresh or resumed, so a resumed run writes the same bytes; excise.resume)
+CHUNK_BATCHES = 8
 Mode = Literal["loglik", "letter", "generate"]
 MODES = ("loglik", "letter", "generate")
 TEXT_FIELDS = ("prediction", "answer", "response", "output", "pred_text")
@@ -161,13 +166,19 @@ def run_eval(cfg: Any, out: str | Path, *, force: bool = False, console: Any = N
 
     def predict_stage(d: Path) -> dict:
         h = handle
-        t0 = time.time()
-        rows = predict(h, items, cfg.scoring, batch_size=cfg.batch_size, normalize=cfg.normalize,
-                       max_new_tokens=cfg.max_new_tokens, progress=console is not None)
-        dt = time.time() - t0
+        t0, todo = time.time(), []
+        with tqdm(total=len(items), desc=cfg.scoring, unit="item", leave=False, disable=console is None) as bar:
+            def part(xs: Sequence[BBQItem]) -> list[dict]:
+                todo.append(len(xs))
+                return predict(h, xs, cfg.scoring, batch_size=cfg.batch_size, normalize=cfg.normalize,
+                               max_new_tokens=cfg.max_new_tokens)
+
+            rows = chunked(Points(run.checkpoint_dir("predict")), items, cfg.batch_size * CHUNK_BATCHES, part,
+                           lambda x: [x.category, x.example_id], on_chunk=bar.update)
+        dt = max(time.time() - t0, 1e-9)
         save_predictions(d / "predictions.jsonl", rows)
         counts = {LETTERS[i]: sum(1 for r in rows if r["pred"] == i) for i in range(3)}
-        m = {"n_items": len(rows), "seconds": round(dt, 3), "items_per_second": round(len(rows) / dt, 3),
+        m = {"n_items": len(rows), "seconds": round(dt, 3), "items_per_second": round(sum(todo) / dt, 3),
              "scoring": cfg.scoring, "pred_counts": counts,
              "n_unmatched": sum(1 for r in rows if r["pred"] is None), "device": str(h.device)}
         if cfg.scoring == "generate":

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, iter_jsonl, read_json
 from excise.measure.stats import bootstrap_diff, mean_ci
 
 
@@ -23,8 +23,6 @@ def _overlap(a: dict, b: dict) -> bool:
 
 
 def _correct(path: Path, condition: str) -> list[float]:
-    from excise.io import iter_jsonl
-
     return [float(r["correct"]) for _, r in iter_jsonl(path) if r["context_condition"] == condition]
 
 

@@ -227,7 +227,7 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
               ("plain", lambda d: _train(handle, "plain", cfg.plain, splits, cfg, d,
                                          lambda h: best_util(h, cfg.plain.utility_metric, cfg.plain.fairness_metric),
                                          console)[1]),
-              ("fair", lambda d: _fair_stage(handle, splits, cfg, d, console)),
+              ("fair", lambda d: _fair_stage(handle, splits, cfg, d, console, run.stage_dir("fair"))),
               ("report", lambda d: write_report(run.dir, d, cfg))]
     out_.update(run.run_stages(stages, say=say, stop_after=stop_after))
     if "report" in out_:
@@ -236,7 +236,8 @@ def run_fair(cfg: FairEncoderConfig, out: str | Path, *, force: bool = False, co
     return out_
 
 
-def _fair_stage(handle: Any, splits: dict, cfg: FairEncoderConfig, d: Path, console: Any) -> dict:
+def _fair_stage(handle: Any, splits: dict, cfg: FairEncoderConfig, d: Path, console: Any, final: Path) -> dict:
+    """The fair model, selected, exported; ``final`` is where the stage's folder ``d`` ends up."""
     fe, m = _train(handle, "fair", cfg.fair, splits, cfg, d, _window(cfg), console)
     base = DEFAULTS[cfg.model].hub_id if cfg.model in DEFAULTS else cfg.model
     what = (f"BUG ({'binary framing' if cfg.binary else '12 professions'}), profession word masked"
@@ -247,7 +248,7 @@ def _fair_stage(handle: Any, splits: dict, cfg: FairEncoderConfig, d: Path, cons
             "limits": "BUG's gender labels follow the pronoun; 49% of nurse sentences are biomedical text; one "
                       "protected attribute; English only; fairness measured on this task's test split only."}
     export(fe, d / "export", base_name=base, card=card)
-    m["export"] = str(d / "export")
+    m["export"] = str(final / "export")  # not the temporary folder: it is renamed when the stage ends
     return m
 
 

@@ -69,6 +69,9 @@ class RobustUnlearnConfig(BaseModel):
     relearn: RelearnConfig = Field(default_factory=RelearnConfig, description="relearning attack settings")
     eval_n_per_op: int = Field(100, ge=1, description="held-out items per operation for forget / retain accuracy")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    checkpoint_every: int = Field(0, ge=0, description="unlearning: a resumable training checkpoint every this many "
+                                  "steps (0: none; a killed run redoes the method it was in). Not part of the run's "
+                                  "identity: results do not depend on it")
 
     @field_validator("undo_from")
     @classmethod

@@ -45,6 +45,7 @@ from excise.organisms.arithmetic import load_model, pretrain
 from excise.recipes.robust_config import RobustUnlearnConfig, quick_variant
 from excise.recipes.robust_report import build_report
 from excise.report.html import end_of_run
+from excise.resume import Points, link_tree
 from excise.run import Run, seed_everything
 from excise.select import SelectConfig, select
 from excise.tasks.arithmetic import FORGET_OPS, OPS, RETAIN_OPS, Item, eval_items, load_items, split_pools, train_stream
@@ -122,7 +123,9 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
     if cfg.undo_from not in cfg.methods:
         raise ExciseError(f"undo_from '{cfg.undo_from}' is not one of the methods ({', '.join(cfg.methods)})",
                           where="config:undo_from")
-    run = Run(out, {"workflow": "undo", "quick": quick, **cfg.model_dump(mode="json")}, force=force)
+    # checkpoint_every changes no result, so a run killed with one interval resumes with another
+    run = Run(out, {"workflow": "undo", "quick": quick, **cfg.model_dump(mode="json", exclude={"checkpoint_every"})},
+              force=force)
     data = Data(cfg)
     t_start = time.time()
 
@@ -158,18 +161,28 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
     for seed in cfg.seeds:
         # -- unlearning
         def stage_unlearn(d: Path, seed=seed) -> dict:
+            # each finished method (model and row) is kept, and training checkpoints too when asked
+            # for, so a killed run resumes where it was (excise.resume)
+            pts = Points(run.checkpoint_dir(f"seed{seed}-unlearn"))
             rows = {}
             for name, mc in cfg.methods.items():
-                seed_everything(seed)
-                m = copy.deepcopy(base.model)
-                mc = mc.model_copy(update={"seed": seed})
-                t0 = time.time()
-                info: dict = {}
-                log = unlearn(m, tok, data.stream("forget", seed), data.stream("retain", seed + 1), mc, info=info)
-                acc = evaluate(m, tok, ev)
-                _save(m, tok, d / name)
-                rows[name] = {"kind": "unlearn", "steps": len(log), "tokens": sum(r["tokens"] for r in log),
-                              "seconds": round(time.time() - t0, 1), "accuracy": acc, **info}
+                row, src = pts.get(name), pts.folder_path(name)
+                if row is None or not src.is_dir():
+                    seed_everything(seed)
+                    m = copy.deepcopy(base.model)
+                    mc = mc.model_copy(update={"seed": seed})
+                    t0 = time.time()
+                    info: dict = {}
+                    log = unlearn(m, tok, data.stream("forget", seed), data.stream("retain", seed + 1), mc, info=info,
+                                  checkpoint_dir=pts.dir / f"train-{name}", checkpoint_every=cfg.checkpoint_every)
+                    acc = evaluate(m, tok, ev)
+                    src = pts.folder(name, lambda t, m=m: _save(m, tok, t))
+                    row = pts.put(name, {"kind": "unlearn", "steps": len(log), "tokens": sum(r["tokens"] for r in log),
+                                         "seconds": round(time.time() - t0, 1), "accuracy": acc, **info})
+                    pts.remove(f"train-{name}")
+                link_tree(src, d / name)
+                rows[name] = row
+                acc = row["accuracy"]
                 say(f"seed {seed} {name}: forget {acc['forget']['value']:.3f} retain {acc['retain']['value']:.3f}")
             return rows
 
@@ -227,6 +240,7 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
 
         # -- relearning
         def stage_relearn(d: Path, seed=seed) -> dict:
+            pts = Points(run.checkpoint_dir(f"seed{seed}-relearn"))  # finished (model, lr) points are kept
             rc = cfg.relearn.model_copy(update={"seed": seed})
             r_eval = data.eval(rc.eval_n_per_op, seed=2000 + seed, ops=FORGET_OPS)  # held-out forget items (test pool)
             attack = data.train("forget", rc.n_items, 50_000 + seed) if data.files else None
@@ -237,8 +251,8 @@ def run_robust_unlearn(cfg: RobustUnlearnConfig, out: str | Path, *, force: bool
             paths.update({n: run.stage_dir(f"seed{seed}-undo") / n for n in undo.metrics})
             rows = {}
             for name, p in paths.items():
-                h = _load(p)
-                rows[name] = relearn(h.model, tok, rc, eval_items=r_eval, items=attack)
+                rows[name] = pts.cached(name, lambda p=p, name=name: relearn(
+                    _load(p).model, tok, rc, eval_items=r_eval, items=attack, points=pts, prefix=f"{name}@"))
                 say(f"seed {seed} relearn {name}: auc {rows[name]['auc']:.3f} steps_to_50 {rows[name]['steps_to_50']}")
             return rows
 
