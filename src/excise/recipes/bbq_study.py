@@ -307,6 +307,7 @@ def run_recipe(settings: dict, out: Path, *, force: bool = False, quick: bool = 
     if quick:
         cfg = cfg.model_copy(update={"per_category": 8, "names_per_category": 8, "truth_per_category": 2,
                                      "pairs_per_category": 4, "finetune_per_category": 4,
+                                     "finetune": cfg.finetune.model_copy(update={"steps": min(cfg.finetune.steps, 3)}),
                                      "relearn": cfg.relearn.model_copy(update={"lrs": cfg.relearn.lrs[:1],
                                                                                "seeds": cfg.relearn.seeds[:1],
                                                                                "steps": 2, "eval_every": 1,
