@@ -28,21 +28,11 @@ INTERVENTION_SMALL: dict[str, dict] = {"head_scale": {"scale": 0.0}, "masked_lor
                                        "noise": {"alpha": 0.1}, "unlearn": {"steps": 2, "batch_size": 2}}
 
 
-def _bbq_pairs(n: int = 4):
-    from excise.tasks.bbq import BBQItem
+def _bbq_pairs(n: int = 6):
+    """Six synthetic pairs: head attribution needs 3 per half (selection / measurement)."""
+    from test_bbq_locate import _pairs  # tests/ is on sys.path (rootdir conftest)
 
-    info = {"ans0": ["old man", "old"], "ans1": ["girl", "nonOld"], "ans2": ["Unknown", "unknown"]}
-    out = []
-    for i in range(n):
-        pol = "neg" if i % 2 == 0 else "nonneg"
-        common = dict(category="Age", question_index=str(i), question_polarity=pol, question="Who?",
-                      answers=("The old man", "The girl", "Unknown"), answer_info=info,
-                      target_loc=0 if pol == "neg" else 1)
-        ctx = f"An old man and a girl ({i})."
-        out.append(BBQItem(example_id=2 * i, context_condition="ambig", context=ctx, label=2, **common))
-        out.append(BBQItem(example_id=2 * i + 1, context_condition="disambig", context=ctx + " The girl did.",
-                           label=1, **common))
-    return out
+    return _pairs(n)
 
 
 def _data(h) -> LocateData:
