@@ -109,13 +109,13 @@ def cheap_views(handle: Any, items: Sequence[Any], kind: UnitKind = "head", *, b
     if len(pairs) < 3:
         raise ValueError(f"cheap localizers need >= 3 ambiguous/disambiguated pairs, got {len(pairs)}")
     flat = [x for p in pairs for x in p]
-    parts = [_pass(handle, flat[s:s + batch_size], "attribution", kind) for s in range(0, len(flat), batch_size)]
-    norms = [_pass(handle, flat[s:s + batch_size], "norm", kind)["activity"] for s in range(0, len(flat), batch_size)]
+    # one pass per batch: with activity "norm", "activity" is the norm and "estimate" the attribution
+    parts = [_pass(handle, flat[s:s + batch_size], "norm", kind) for s in range(0, len(flat), batch_size)]
     lo = np.concatenate([p["logodds"] for p in parts])
-    attr = np.concatenate([p["activity"] for p in parts])
+    attr = np.concatenate([p["estimate"] for p in parts])
     n_units = attr.shape[1] * attr.shape[2]
     attr = attr.reshape(len(flat), n_units)
-    norm = np.concatenate(norms).reshape(len(flat), n_units)
+    norm = np.concatenate([p["activity"] for p in parts]).reshape(len(flat), n_units)
     amb, dis = np.arange(0, len(flat), 2), np.arange(1, len(flat), 2)
     r, _ = _pearson(attr[amb] - attr[dis], lo[amb] - lo[dis])
     return {"correlation": np.nan_to_num(r, nan=-np.inf), "attribution_patching": attr[amb].mean(0),

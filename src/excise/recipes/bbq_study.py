@@ -223,8 +223,8 @@ def run_study(cfg: BBQStudyConfig, out: str | Path, *, force: bool = False, cons
         heads = select(att.scores, SelectConfig(method="topk", k=cfg.n_heads)).units()
         an = h.anatomy
         rng = random.Random(cfg.seed)
-        others = [(l, hh) for l in range(an.n_layers) for hh in range(an.n_heads) if [l, hh] not in heads
-                  and (l, hh) not in heads]
+        taken = {tuple(x) for x in heads}
+        others = [(l, hh) for l in range(an.n_layers) for hh in range(an.n_heads) if (l, hh) not in taken]
         rand = sorted(rng.sample(others, len(heads)))
         atomic_write_json(d / "selected_heads.json", {"heads": heads, "random_heads": [list(x) for x in rand]})
         return {"heads": heads, "random_heads": [list(x) for x in rand], "n_selection_pairs": att.n_pairs,
