@@ -4,7 +4,8 @@ test_kill_resume.py).
 Left out, because they are not results: ``run.json`` and ``stage.json`` (dates, timings, library
 versions), ``timings.json`` and ``report.html`` (dates, timings, the directory's name), and in JSON,
 JSONL and CSV files every timing field: a key (or a dotted CSV metric name / column) with a part
-ending in ``seconds`` or ``per_second``, or named ``created``. Paths given as ``aliases`` (the run
+ending in ``seconds`` or ``per_second``, or named ``created``, and in Markdown every table row whose
+label ends in ``(s)`` (a time in seconds, e.g. "train time (s)"). Paths given as ``aliases`` (the run
 directory itself, a cache) are replaced by a placeholder first, so two runs in two directories compare.
 Every other file is compared byte for byte.
 """
@@ -52,6 +53,8 @@ def content(p: Path, aliases: dict[str, str]) -> bytes:
             keep = [i for i, h in enumerate(rows[0]) if not is_timing(h)]
             rows = [[r[i] for i in keep if i < len(r)] for r in rows]
         return json.dumps(rows).encode()
+    if p.suffix == ".md":
+        text = "\n".join(x for x in text.splitlines() if not x.split("|")[1:2] or not x.split("|")[1].strip().endswith("(s)"))
     return text.encode()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from excise.errors import ExciseError, where
+from excise.processes import is_main_process, wait_for_everyone
 
 
 def _json_default(obj: Any) -> Any:
@@ -172,6 +173,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def shared_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``atomic_dir`` for a folder that every launched process builds (a cache entry: an organism, a
+    converted model): the main process moves its copy into place, the others discard theirs, and every
+    process waits until it is there. In a single process it is ``atomic_dir``."""
+    if is_main_process():
+        with atomic_dir(path) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="excise-rank-") as tmp:
+            yield Path(tmp)
+    wait_for_everyone()
 
 
 def read_json(path: str | os.PathLike) -> Any:

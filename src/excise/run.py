@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from excise.errors import ExciseError
 from excise.io import _nan_to_none, _plain, atomic_dir, atomic_write_csv, atomic_write_json, check_out_dir, read_json
+from excise.processes import is_main_process, wait_for_everyone, world_size
 from excise.resume import clean_temp, kill_point
 
 
@@ -121,23 +122,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def world_size() -> int:
-    """Processes of this run: ``accelerate launch`` (torchrun) sets WORLD_SIZE; 1 otherwise."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def is_main_process() -> bool:
-    return world_size() == 1 or int(os.environ.get("RANK", "0") or 0) == 0
-
-
-def wait_for_everyone() -> None:
-    """A barrier across the launched processes (nothing in a single process)."""
-    if world_size() > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 def _run_elsewhere(fn: Callable[[Path], Any]) -> Any:
@@ -270,7 +254,11 @@ class Run:
         ``<run>/<name>/`` only if ``fn`` returns without raising.
         """
         final = self.stage_dir(name)
-        if self.is_done(name):
+        done = self.is_done(name)
+        # every process looks before the main one writes: a process that looked after the main one had
+        # finished the stage would skip it, one barrier short, and read later stages' files too early
+        wait_for_everyone()
+        if done:
             info = read_json(final / "stage.json")
             metrics = read_json(final / "metrics.json") if (final / "metrics.json").exists() else None
             if not isinstance(info, dict) or info.get("status") != "done":

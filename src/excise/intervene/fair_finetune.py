@@ -207,6 +207,10 @@ def build_fair_encoder(handle: Any, examples: Sequence[Any], cfg: FairFinetuneCo
     model = copy.deepcopy(handle.model)
     if not hasattr(getattr(model, "config", None), "hidden_size"):
         raise ExciseError(f"{handle.name}: not a text encoder with a hidden_size")
+    if getattr(model, "pooler", None) is not None:
+        # the encoder's own pooler is never used (pool() reads last_hidden_state): without it LoRA does
+        # not wrap its dense layer ("dense" targets), which would train nothing and stall DDP's reducer
+        model.pooler = None
     peft_model = make_trainable(model, "lora", lora_fields(model, cfg.lora), seed=cfg.seed).model
     return FairEncoder(peft_model, handle.tokenizer, classes, groups, attribute, cfg)
 

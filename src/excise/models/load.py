@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 from excise.config import check_device
 from excise.errors import ExciseError
-from excise.io import atomic_dir
+from excise.io import shared_dir
 from excise.models.anatomy import Anatomy, VisionAnatomy, _text_config, check_family
 from excise.models.defaults import DEFAULTS, SMOLLM2_GGUF, package_dir, prepared_dir
 from excise.models.processors import image_only_processor, vlm_processor
@@ -154,7 +154,7 @@ def _prepare_smollm2(dtype: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = d.hub_id
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(

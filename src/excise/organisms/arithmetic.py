@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from excise.errors import ExciseError
-from excise.io import atomic_dir, atomic_write_json, read_json
+from excise.io import atomic_write_json, read_json, shared_dir
 from excise.lm import lm_batch
 from excise.measure.arithmetic import accuracy_by_op
 from excise.models.defaults import cache_dir
@@ -214,7 +214,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, name: st
     seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     model.eval()
     acc = accuracy_by_op(model, tok, eval_items(OPS, cfg.eval_n_per_op, seed=cfg.seed))
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "pretrain.json", {

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from excise.errors import ExciseError
 from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
 from excise.intervene.trainable import LoraFields
-from excise.io import atomic_dir, atomic_write_json, read_json
+from excise.io import atomic_write_json, read_json, shared_dir
 from excise.models import load
 from excise.models.defaults import prepared_dir
 from excise.run import seed_everything
@@ -132,7 +132,7 @@ def build_biased(cfg: BiasedConfig | None = None, *, force: bool = False, consol
     # repeated for 10 steps: 6.5 -> 3.2 under autocast, 6.5 -> 0.00 in fp32)
     res = finetune(handle, examples, ft, progress=console is not None)
     merged = handle.model.merge_and_unload()
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "organism.json", {

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from excise.errors import ExciseError
-from excise.io import atomic_dir, atomic_write_json
+from excise.io import atomic_write_json, shared_dir
 from excise.models.defaults import cache_dir
 from excise.run import seed_everything
 from excise.intervene.caption_lora import train_captions
@@ -141,7 +141,7 @@ def build_caption_organism(cfg: CaptionOrganismConfig | None = None, *, force: b
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
         seed=cfg.seed), progress=progress)
     model.eval()
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / "organism.json", {

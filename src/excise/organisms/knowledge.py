@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from excise.intervene.trainable import LoraFields, make_trainable
-from excise.io import atomic_dir, atomic_write_json, read_json
+from excise.io import atomic_write_json, read_json, shared_dir
 from excise.losses import nll
 from excise.lm import generate
 from excise.measure.tofu import score_items, tofu_result
@@ -215,7 +215,7 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
     acc = {f: {"accuracy": float(np.mean(s["correct"])) if "correct" in s and len(s["correct"]) else None,
                "n": int(len(s.get("prob", []))), "answer_prob": float(np.mean(s["prob"])) if len(s.get("prob", [])) else None}
            for f, s in scores.items()}
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
         if oracle:

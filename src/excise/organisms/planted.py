@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from excise.errors import ExciseError
 from excise.intervene.lora import ChoiceExample, FinetuneConfig, finetune
-from excise.io import atomic_dir, atomic_write_json, read_json
+from excise.io import atomic_write_json, read_json, shared_dir
 from excise.models import load
 from excise.models.defaults import prepared_dir
 from excise.run import seed_everything
@@ -194,7 +194,7 @@ def build_planted(cfg: PlantedConfig | None = None, *, force: bool = False, cons
             changed_outside = max(changed_outside, float(diff.max()))
     if changed_outside != 0.0:
         raise ExciseError(f"planting changed weights outside the planted heads (max |diff| {changed_outside})")
-    with atomic_dir(target) as tmp:
+    with shared_dir(target) as tmp:
         handle.model.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "planted.json", {
