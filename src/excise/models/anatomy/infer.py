@@ -47,6 +47,9 @@ def check_family(model_type: str, config: Any) -> None:
     """Refuse early (before weights) only when inference cannot work from the config alone."""
     if model_type in _REGISTRY:
         return
+    if varying := _per_layer_sizes(config):
+        raise _refuse(model_type, f"cannot work: its config sets {', '.join(varying)} per layer (per_layer_config); "
+                      "excise needs the same heads and sizes in every layer")
     if _cfg(config, "is_encoder_decoder", default=False):
         raise _refuse(model_type, "cannot work: it is an encoder-decoder (is_encoder_decoder=true); excise "
                       "reads one stack of blocks")
@@ -56,6 +59,17 @@ def check_family(model_type: str, config: Any) -> None:
                 k.endswith("heads") and isinstance(v, int) for k, v in config.items())):
             raise _refuse(model_type, f"cannot work: the config has no {what} (none of {', '.join(keys)}); "
                           f"families with a spec: {', '.join(sorted(_REGISTRY))}")
+
+
+def _per_layer_sizes(config: Any) -> list[str]:
+    """Head counts and widths a heterogeneous config (transformers' per_layer_config) sets per layer."""
+    if isinstance(config, dict):
+        per = config.get("per_layer_config")
+        keys = {k for o in per.values() if isinstance(o, dict) for k in o} if isinstance(per, dict) else set()
+    else:
+        spec = getattr(config, "__dict__", {}).get("_heterogeneity_spec")
+        keys = set(getattr(spec, "per_layer_attributes", None) or ())
+    return sorted(keys & {*HEAD_KEYS, *WIDTH_KEYS, *FFN_KEYS, "head_dim", "num_key_value_heads"})
 
 
 def _linear_io(m: Any) -> tuple[int, int, bool] | None:

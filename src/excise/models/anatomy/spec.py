@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from excise.errors import ExciseError
+
 
 @dataclass(frozen=True)
 class AnatomySpec:
@@ -65,8 +67,19 @@ def _has(root: Any, path: str | None) -> bool:
 
 
 def _text_config(config: Any) -> Any:
+    """The config of the model's language model (the config itself for a text-only model)."""
     get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
+    if not callable(get):
+        return config
+    try:
+        return get()
+    except ValueError:  # transformers: several sub-configs could be the text one (musicgen: text_encoder, decoder)
+        names = [n for n in ("text_encoder", "decoder", "generator", "text_config")
+                 if getattr(config, n, None) is not None]
+        if len(names) < 2:
+            raise
+        raise ExciseError(f"{getattr(config, 'model_type', None) or type(config).__name__}: several text configs "
+                          f"({', '.join(names)}); excise needs one language model") from None
 
 
 def _cfg(config: Any, *names: str, default: Any = None) -> Any:
