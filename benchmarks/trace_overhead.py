@@ -10,6 +10,10 @@ excise's at real (non-pad) tokens, so every row computes the same thing.
     .venv/bin/python benchmarks/trace_overhead.py --tiny-family mixtral --threads 1   # random MoE
     .venv/bin/python benchmarks/trace_overhead.py --tiny-family falcon --threads 1    # fused QKV
 
+Every row runs in one process with the same allocator settings: by default those the CLI sets
+(``excise.processes.tune_allocator``: freed activation memory is reused instead of page-faulted
+afresh); ``--glibc-default`` leaves glibc as it is (every row slower, keeping activations more so).
+
 ``--tiny-family NAME`` times a random model of ``excise.testing``'s family NAME widened to
 ``--tiny-width`` (4 layers; MoE: 4 experts, top-2) on random token ids: plain vs every site
 (``all``: on expert layers the router replaces mlp.hidden) and, for MoE, all + every expert's
@@ -265,7 +269,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", default="", help="comma-separated rows to skip (nnsight, tl)")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's malloc as it is (default: excise.processes.tune_allocator, as the CLI does)")
     args = ap.parse_args(argv)
+    from excise.processes import tune_allocator
+
+    args.allocator = "glibc default" if args.glibc_default or not tune_allocator() else "tuned (tune_allocator)"
+    print(f"allocator: {args.allocator}", flush=True)
     if args.tiny_family:
         return tiny_family(args)
 

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from excise.errors import ExciseError
+from excise.processes import tune_allocator
 
 app = typer.Typer(
     name="excise",
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                            "sklearn", "fairlearn", "pydantic"):
                 warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
         warnings.filterwarnings("ignore", message=r".*requires? torchvision.*")
+    tune_allocator()  # activations kept for analysis are reused, not page-faulted afresh each pass
     if not sys.stderr.isatty():  # a log file or a pipe: no library progress bars (excise's own stay)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

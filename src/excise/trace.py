@@ -291,8 +291,11 @@ class Trace:
                 weights = scale_expert(index, weights, parse_site(e.site).expert,
                                        0.0 if e.op == "zero" else float(e.value))
             bt = self._moe_bt[layer]
+            done: dict[int, tuple] = {}  # an expert's hidden and out come from one recomputation
             for s in caps:
-                hidden, out = expert_activations(module, x, index, weights, s.expert)
+                if s.expert not in done:
+                    done[s.expert] = expert_activations(module, x, index, weights, s.expert)
+                hidden, out = done[s.expert]
                 y = hidden if s.kind == "mlp.expert.hidden" else out
                 self._store(s, y.view(*bt, y.shape[-1]))
             if not edits:
