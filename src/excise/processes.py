@@ -39,8 +39,9 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 
 
     By default glibc serves large blocks with mmap and gives a freed heap top back above a small trim
     threshold, so a forward pass that keeps its activations alive (``Trace`` with ``pool="all"``)
-    page-faults fresh memory every pass: +20% on a small falcon on CPU, +4% with these settings, and
-    the plain forward itself 15% faster (benchmarks/README.md). Up to ``trim_threshold`` bytes of freed
+    page-faults fresh memory every pass: 1.19x a plain forward on a small falcon on CPU, 1.08x with
+    these settings, and the plain forward itself about 30% faster (benchmarks/README.md 1b). Up to
+    ``trim_threshold`` bytes of freed
     memory stay mapped. Does nothing off Linux/glibc, when EXCISE_TUNE_MALLOC=0, or when the user set
     their own ``MALLOC_*`` variables; returns whether the settings were applied. The CLI calls it.
     """
