@@ -114,14 +114,15 @@ class DistillConfig(BaseModel):
 def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg: DistillConfig, *,
             retain_check: Callable[[Any], float] | None = None, teacher_retain: float | None = None,
             forget_check: Callable[[Any], float] | None = None, progress: bool = False,
-            checkpoint_dir: str | Path | None = None) -> dict:
+            checkpoint_dir: str | Path | None = None, at_steps: Mapping[int, Callable[[Any, int], None]] | None = None) -> dict:
     """Distill ``teacher`` into ``student`` (in place) on an endless stream of mixed items.
 
     ``retain_check(model) -> accuracy`` drives early stopping against ``teacher_retain``;
     ``forget_check`` (optional) only records forget accuracy on the curve. Returns steps, tokens,
     estimated FLOPs (6 * params * tokens, student training only), whether the retain target was
     reached, and the curve: step 0 and every ``eval_every`` steps, the mean KL since the last
-    point (``loss``), retain and forget accuracy.
+    point (``loss``), retain and forget accuracy. ``at_steps[k](model, tokens)`` runs after step ``k`` with the
+    real tokens trained on so far (the compute sweep's checkpoints; the model is in eval mode then).
     """
     if (retain_check is None) != (teacher_retain is None):
         raise ExciseError("distill: give both retain_check and teacher_retain, or neither")
@@ -135,12 +136,14 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
             yield lm_batch(tokenizer, [next(data).text for _ in range(cfg.batch_size)])
 
     losses: list[float] = []  # KL of the steps since the last curve point
+    seen = {"tokens": 0}  # real tokens of this process's batches so far
     curve: list[dict] = []
 
     def loss_fn(m, b):
         with torch.no_grad():
             t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         s = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        seen["tokens"] += int(b["attention_mask"].sum())
         loss = kl_to_ref(s, t, b["attention_mask"])
         losses.append(float(loss.detach()))
         return loss
@@ -161,6 +164,11 @@ def distill(student: Any, teacher: Any, tokenizer: Any, data: Iterator[Any], cfg
         state["reached"] = retain_check is not None and pt["retain"] >= teacher_retain - cfg.tolerance
 
     def on_step(step: int, m: Any) -> bool:
+        if at_steps and step in at_steps:
+            was = m.training
+            m.eval()
+            at_steps[step](m, seen["tokens"])
+            m.train(was)
         if step % cfg.eval_every or (retain_check is None and forget_check is None):
             return False
         pt = point(step, m)

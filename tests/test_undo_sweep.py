@@ -1,0 +1,42 @@
+"""benchmarks/undo_sweep.py at --quick scale: outputs, and a resumed sweep redoes only missing points."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_quick_sweep_writes_the_tradeoff_and_resumes_only_missing_points(tmp_path, monkeypatch, capsys):
+    import undo_sweep
+
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    assert undo_sweep.main(["--quick", "--out", str(out)]) == 0
+    for name in ("table.md", "sweep.csv", "sweep.json", "tradeoff.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "sweep.json").read_text())
+    variants = {r["variant"] for r in res["rows"]}
+    assert variants == {"global-a0.8", "paramdiff-p0.1-a0.8"}
+    assert {r["fraction"] for r in res["rows"]} == {0.0, 0.5, 1.0}
+    assert set(res["references"]) == {"base", "oracle", "teacher"}
+    points = out / "points"
+    half = next(points.glob("s0.global-a0.8@0.5*.json"))
+    full = next(points.glob("s0.global-a0.8@1*.json"))
+    kept = full.read_bytes()
+    assert json.loads(kept)["value"]["student_flops"] == 3 * json.loads(kept)["value"]["teacher_flops"] > 0
+    before = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
+    # a sweep killed before its 50% point of one variant: only that point is measured again, same bytes
+    removed = half.read_bytes()
+    half.unlink()
+    capsys.readouterr()
+    assert undo_sweep.main(["--quick", "--out", str(out)]) == 0
+    assert half.read_bytes() == removed
+    after = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
+    assert {k for k in after if after[k] != before.get(k)} == {half.name}
+    assert "paramdiff-p0.1-a0.8: " not in capsys.readouterr().out  # the finished variant was not distilled again
