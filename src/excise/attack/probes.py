@@ -20,7 +20,10 @@ def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int 
     """Return (filtered spec, kept report, base generations keyed like ``spec.probe_sets()`` + ``retain``).
 
     ``keep_all`` keeps every item whatever the base model answers (the generations are still recorded)."""
-    sets = {"forget": spec.forget, "paraphrases": spec.paraphrases, "adversarial": spec.adversarial, "retain": spec.retain}
+    sets = {"forget": spec.forget, "forget_eval": spec.forget_eval, "paraphrases": spec.paraphrases,
+            "adversarial": spec.adversarial, "retain": spec.retain}
+    if not spec.forget_eval:
+        del sets["forget_eval"]
     gens: dict[str, list[str]] = {}
     keep: dict[str, list[bool]] = {}
     for key, items in sets.items():
@@ -36,6 +39,9 @@ def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int 
     if not filtered.forget:
         raise ExciseError(f"the base model leaks on none of the {len(spec.forget)} forget prompts of '{spec.name}': "
                           "nothing to unlearn (check the prompt format: chat vs completion)")
+    if spec.forget_eval and not filtered.forget_eval:
+        raise ExciseError(f"the base model leaks on none of the {len(spec.forget_eval)} forget_eval prompts of "
+                          f"'{spec.name}': no held-out direct probe left")
     if not filtered.retain:
         raise ExciseError(f"the base model answers none of the {len(spec.retain)} retain prompts of '{spec.name}' correctly")
     report: dict[str, Any] = {k: {"candidates": len(v), "kept": int(sum(keep[k]))} for k, v in sets.items()}
@@ -54,7 +60,8 @@ def screen(handle: Any, spec: Any, *, max_new_tokens: int = 24, batch_size: int 
     report["direct_and_paraphrase_by_format"] = by_fmt
     # reuse the greedy outputs of kept items as the "before" generations
     kept_gens = {k: [g for g, f in zip(gens[k], keep[k]) if f] for k in sets}
-    before: dict[str, list[str]] = {"direct": kept_gens["forget"], "paraphrase": kept_gens["paraphrases"],
+    before: dict[str, list[str]] = {"direct": kept_gens["forget_eval" if spec.forget_eval else "forget"],
+                                    "paraphrase": kept_gens["paraphrases"],
                                     "retain": kept_gens["retain"]}
     for it, g in zip(filtered.adversarial, kept_gens["adversarial"]):
         before.setdefault(f"adv_{it.family}", []).append(g)

@@ -3,7 +3,9 @@
 * leak rate under greedy generation, per probe family (Wilson interval);
 * the teacher-forced log-probability of the revealing answer given the question: it moves
   before greedy outputs flip, so small changes are visible (mean and bootstrap CI over items);
-* retain accuracy (expected answer in the greedy generation), overall and per group;
+* retain accuracy (expected answer in the greedy generation), overall and per group; with
+  ``retain_unscreened`` also on every retain evaluation item, before screening kept only those the
+  base model answers (``retain_accuracy_unscreened``: the screened baseline is 100% by construction);
 * perplexity on neutral text (bootstrap over passages of the token-weighted mean NLL).
 """
 
@@ -75,12 +77,15 @@ def _est(e: Estimate) -> dict:
 
 
 def evaluate(handle: Any, spec: Any, *, model: Any = None, max_new_tokens: int = 24, batch_size: int = 16,
-             seed: int = 0, generations: dict[str, list[str]] | None = None) -> dict:
+             seed: int = 0, generations: dict[str, list[str]] | None = None,
+             retain_unscreened: Sequence[Any] | None = None) -> dict:
     """All knowledge measures of one model state on a (filtered) spec.
 
     Returns ``{"metrics": {...}, "items": [...]}``: metrics hold an estimate dict (value, lo, hi,
     n) per measure; items hold one row per probe/retain item with its generation and flags.
-    ``generations`` reuses greedy outputs already computed (e.g. by the filtering step).
+    ``generations`` reuses greedy outputs already computed (e.g. by the filtering step; key
+    ``retain_unscreened`` for those items). ``retain_unscreened``: the retain evaluation items before
+    screening, measured as ``retain_accuracy_unscreened`` (rows of set ``retain_unscreened``).
     """
     metrics: dict[str, Any] = {}
     rows: list[dict] = []
@@ -109,8 +114,22 @@ def evaluate(handle: Any, spec: Any, *, model: Any = None, max_new_tokens: int =
                 for row in rows:
                     if row["set"] == fam and row["prompt"] == it.prompt:
                         row.update(answer_logprob=r["logprob"], answer_prob=r["prob"])
-    gens = (generations or {}).get("retain") or generate(handle, spec.retain, max_new_tokens=max_new_tokens,
-                                                          batch_size=batch_size, model=model)
+    known: dict[tuple[str, str], str] = {}
+    u_rows: list[dict] = []
+    if retain_unscreened is not None:
+        u_gens = (generations or {}).get("retain_unscreened") or generate(
+            handle, retain_unscreened, max_new_tokens=max_new_tokens, batch_size=batch_size, model=model)
+        u_ok = [int(spec.correct(it, g)) for it, g in zip(retain_unscreened, u_gens)]
+        u_est = _est(wilson(sum(u_ok), len(u_ok)))
+        for it, g, o in zip(retain_unscreened, u_gens, u_ok):
+            known[(it.prompt, it.format)] = g
+            u_rows.append({"set": "retain_unscreened", "prompt": it.prompt, "format": it.format, "generation": g,
+                           "correct": o, "group": it.group})
+    gens = (generations or {}).get("retain")
+    if not gens:  # the screened items are a subset of the unscreened ones: reuse their generations
+        gens = ([known[(it.prompt, it.format)] for it in spec.retain]
+                if all((it.prompt, it.format) in known for it in spec.retain) else
+                generate(handle, spec.retain, max_new_tokens=max_new_tokens, batch_size=batch_size, model=model))
     ok = [int(spec.correct(it, g)) for it, g in zip(spec.retain, gens)]
     metrics["retain_accuracy"] = _est(wilson(sum(ok), len(ok)))
     for grp in sorted({it.group for it in spec.retain if it.group}):
@@ -119,6 +138,9 @@ def evaluate(handle: Any, spec: Any, *, model: Any = None, max_new_tokens: int =
     for it, g, o in zip(spec.retain, gens, ok):
         rows.append({"set": "retain", "prompt": it.prompt, "format": it.format, "generation": g, "correct": o,
                      "group": it.group})
+    if retain_unscreened is not None:
+        metrics["retain_accuracy_unscreened"] = u_est
+    rows += u_rows
     metrics["neutral_perplexity"] = _est(perplexity(handle, spec.neutral, model=model, seed=seed))
     return {"metrics": metrics, "items": rows}
 
@@ -130,7 +152,7 @@ def frame(res: dict, build_sets: tuple[str, ...] = ("direct",)) -> GroupedResult
     unlearning trains on) are left out, so the result is reported on held-out items only.
     """
     rows = [r for r in res["items"] if r["set"] not in build_sets]
-    probes = [r for r in rows if r["set"] != "retain"]
+    probes = [r for r in rows if "leak" in r]
     retain = [r for r in rows if r["set"] == "retain"]
     overall = {"leak.heldout": wilson(sum(r["leak"] for r in probes), len(probes)),
                "retain_accuracy": wilson(sum(r["correct"] for r in retain), len(retain))}

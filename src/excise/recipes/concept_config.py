@@ -27,9 +27,12 @@ class CompareConfig(BaseModel):
     variants: list[Literal["masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft"]] = Field(
         default_factory=lambda: list(VARIANTS), description="methods compared at the same steps and objective")
     full_lr: float = Field(2e-5, gt=0, description="learning rate of full fine-tuning (LoRA variants use unlearn.lr)")
-    relearn: RelearnConfig = Field(default_factory=RelearnConfig, description="relearning check run on every variant")
+    relearn: RelearnConfig = Field(default_factory=lambda: RelearnConfig(lrs=[1e-4]),
+                                   description="relearning check run on every variant (trained on the training forget "
+                                               "items; lr 3e-5 and 1e-4, worst case reported)")
     relearn_check: Literal["direct", "paraphrase"] = Field(
-        "direct", description="probe family whose leak rate tells that the concept came back")
+        "direct", description="probe family whose leak rate tells that the concept came back: the held-out direct "
+                              "probes or the paraphrases (neither is trained on)")
 
 
 class ConceptUnlearnConfig(BaseModel):
@@ -56,10 +59,10 @@ class ConceptUnlearnConfig(BaseModel):
 
 
 def quick_variant(cfg: ConceptUnlearnConfig) -> ConceptUnlearnConfig:
-    """The smoke run: at most 4 unlearning steps, 16 generated tokens, a 2-step relearning check."""
+    """The smoke run: at most 4 unlearning steps, 16 generated tokens, a 2-step relearning check at one lr."""
     cfg = cfg.model_copy(update={"unlearn": cfg.unlearn.model_copy(update={"steps": min(cfg.unlearn.steps, 4)}),
                                  "max_new_tokens": min(cfg.max_new_tokens, 16)})
     if cfg.compare:
         cfg = cfg.model_copy(update={"comparison": cfg.comparison.model_copy(update={
-            "relearn": cfg.comparison.relearn.model_copy(update={"steps": 2, "eval_every": 1})})})
+            "relearn": cfg.comparison.relearn.model_copy(update={"steps": 2, "eval_every": 1, "lrs": []})})})
     return cfg

@@ -29,7 +29,8 @@ def est_cell(m: dict | None, pct: bool = True) -> str:
 ROWS = [("leak.direct", "leak % direct", True), ("leak.paraphrase", "leak % paraphrase", True),
         ("leak.adversarial", "leak % adversarial (all families)", True),
         ("answer_logprob.direct", "answer log-prob direct", False), ("answer_prob.direct", "answer prob direct", False),
-        ("retain_accuracy", "retain accuracy %", True), ("retain_accuracy.neighbour", "retain % neighbour films", True),
+        ("retain_accuracy", "retain accuracy % (screened items)", True),
+        ("retain_accuracy_unscreened", "retain accuracy % (unscreened items)", True), ("retain_accuracy.neighbour", "retain % neighbour films", True),
         ("retain_accuracy.unrelated", "retain % unrelated facts", True), ("neutral_perplexity", "neutral perplexity", False)]
 
 
@@ -64,6 +65,8 @@ def check_targets(before: dict, after: dict) -> dict:
     out["retain_drop_le_5pts"] = {"value": drop, "met": drop is not None and drop <= 5}
     pb, pa = v(before, "neutral_perplexity"), v(after, "neutral_perplexity")
     rise = None if not pb or pa is None else 100 * (pa / pb - 1)
+    ub, ua = v(before, "retain_accuracy_unscreened"), v(after, "retain_accuracy_unscreened")
+    out["retain_unscreened_drop_pts"] = {"value": None if ub is None or ua is None else 100 * (ub - ua), "met": None}
     out["perplexity_rise_le_10pct"] = {"value": rise, "met": rise is not None and rise <= 10}
     out["adversarial_leak"] = {"value": v(after, "leak.adversarial"), "met": None}
     return out
@@ -73,12 +76,19 @@ def write_before_after(d: Path, cfg: ConceptUnlearnConfig, name: str, variant: s
                        after: dict, info: dict) -> dict:
     """``before_after.md``, the before/after metrics and ``targets.json``; returns the targets."""
     kept_line = ", ".join(f"{k} {v['kept']}/{v['candidates']}" for k, v in kept.items() if isinstance(v, dict) and "kept" in v)
+    sp = kept.get("splits") or {}
+    splits = (f"Training and evaluation items are disjoint: the unlearning and the localization train on "
+              f"{sp.get('forget_train')} forget items and {sp.get('retain_train')} retain items ({sp.get('retain_train_from')}); "
+              f"direct leak is measured on {sp.get('direct_heldout')} held-out direct probes ({sp.get('direct_from')}). "
+              f"Retain accuracy (screened) is measured on the {sp.get('retain_eval_screened')} retain evaluation items the "
+              f"base model answers correctly, so its baseline is 100% by construction when screening is on; "
+              f"retain accuracy (unscreened) on all {sp.get('retain_eval_unscreened')} retain evaluation items.\n\n") if sp else ""
     extra = {"trainable parameters": {"base": "-", variant: f"{info['n_trainable']:,} ({info['n_effective']:,} free)"},
              "max abs dW outside mask": {"base": "-", variant: f"{info.get('delta_outside_mask')}"},
              "base params changed": {"base": "-", variant: str(info.get("base_params_changed"))},
              "train time (s)": {"base": "-", variant: str(info["train_seconds"])}}
     md = (f"# {name}: before / after ({variant}, {cfg.unlearn.objective}, {cfg.unlearn.steps} steps)\n\n"
-          f"Items kept after screening the base model: {kept_line}.\n\n" + markdown_table({"base": before, variant: after}, extra))
+          f"Items kept after screening the base model: {kept_line}.\n\n" + splits + markdown_table({"base": before, variant: after}, extra))
     atomic_write_text(d / "before_after.md", md)
     rows = []
     for key in sorted(set(before) | set(after)):
@@ -92,12 +102,17 @@ def write_before_after(d: Path, cfg: ConceptUnlearnConfig, name: str, variant: s
 
 
 def write_comparison(d: Path, cfg: ConceptUnlearnConfig, name: str, n_selected: int, cols: dict[str, dict],
-                     extra: dict[str, dict[str, str]], curves: dict[str, list]) -> None:
+                     extra: dict[str, dict[str, str]], curves: dict[str, list], *, n_train: int | None = None,
+                     n_check: int | None = None) -> None:
     """``comparison.md``, the comparison metrics, ``relearning.png`` and ``comparison.png``."""
+    rl = cfg.comparison.relearn
+    lrs = ", ".join(f"{x:g}" for x in dict.fromkeys([rl.lr, *rl.lrs]))
+    check = "held-out direct probes" if cfg.comparison.relearn_check == "direct" else "paraphrases"
     md = (f"# {name}: comparison at equal steps ({cfg.unlearn.objective}, {cfg.unlearn.steps} steps, "
           f"{cfg.units} masks of {n_selected} units)\n\n" + markdown_table(cols, extra)
-          + f"\nRelearning: full fine-tuning (lr {cfg.comparison.relearn.lr}) on the forget facts; the concept "
-            f"is back when the {cfg.comparison.relearn_check} leak rate reaches {cfg.comparison.relearn.threshold}.\n")
+          + f"\nRelearning: {rl.mode} fine-tuning (lr {lrs}; the worst case, the fastest return, is reported) on the "
+            f"{n_train} training forget items; the concept is back when the leak rate on the {n_check} {check} "
+            f"(never trained on) reaches {rl.threshold}.\n")
     atomic_write_text(d / "comparison.md", md)
     rows = []
     for v, mets in cols.items():

@@ -2,15 +2,19 @@
 
 Stages (each a resumable folder of the run directory):
 
-* ``screen``: keep the spec items the base model leaks on / answers correctly; report counts.
+* ``screen``: fix the training and evaluation pools (:mod:`excise.recipes.concept_splits`: held-out
+  direct probes and retain evaluation items), keep the items the base model leaks on / answers
+  correctly; report counts.
 * ``before``: knowledge measures of the base model (leak per family, answer probability,
-  retain accuracy, neutral perplexity; n and 95% CIs).
-* ``localize``: saliency / Fisher / activation scores at MLP neurons and heads, a mask, heatmaps.
+  retain accuracy on the screened and on the unscreened items, neutral perplexity; n and 95% CIs).
+* ``localize``: saliency / Fisher / activation scores at MLP neurons and heads (training forget items
+  against ``retain_train``), a mask, heatmaps.
 * ``unlearn``: one masked-LoRA run (saved as a PEFT adapter + ``unit_mask.safetensors``), with the
   proof that units outside the mask and all base weights are unchanged.
 * ``after``: the same measures on the unlearned model, and the before/after table.
 * ``compare`` (``compare: true``): masked LoRA (saliency, Fisher, random masks of the same size)
-  vs plain LoRA vs full fine-tuning at equal steps, each with a relearning check.
+  vs plain LoRA vs full fine-tuning at equal steps, each with a relearning check (trained on the
+  training forget items, checked on held-out probes).
 
 Settings live in :mod:`excise.recipes.concept_config`, tables and figures in
 :mod:`excise.recipes.concept_report`; this module runs the stages.
@@ -28,7 +32,6 @@ from typing import Any
 
 import torch
 
-from excise.attack.probes import screen
 from excise.attack.relearn import relearn
 from excise.config import setting_error, validate
 from excise.errors import ExciseError
@@ -40,11 +43,12 @@ from excise.measure.unlearning import evaluate, generate
 from excise.models import load
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
 from excise.recipes.concept_report import write_before_after, write_comparison
+from excise.recipes.concept_splits import prepare, relearn_sets
 from excise.report.html import end_of_run
 from excise.report.plots import heatmap
 from excise.run import Run, seed_everything
 from excise.select import Mask, select
-from excise.tasks.concepts import ConceptSpec, encode_items, load_concept
+from excise.tasks.concepts import ConceptItem, ConceptSpec, encode_items, load_concept
 
 __all__ = ["ConceptUnlearnConfig", "run_concept", "run_recipe"]
 
@@ -68,7 +72,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     seed_everything(cfg.seed)
     # the comparison is an add-on stage: its settings are not part of the run's identity, so
     # `compare: true` on a finished default run resumes it and only adds the `compare` stage
-    run = Run(out, {"workflow": "concept", "quick": quick, **cfg.model_dump(exclude={"compare", "comparison"})}, force=force)
+    run = Run(out, {"workflow": "concept", "quick": quick, "splits": "heldout-v1",
+                    **cfg.model_dump(exclude={"compare", "comparison"})}, force=force)
     t_start = time.time()
     handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     _check_k(cfg, handle.anatomy, source)
@@ -89,24 +94,28 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         spec = spec_full
         if quick:
             cut = lambda xs, n: xs[:n]  # noqa: E731
-            spec = spec.model_copy(update={"forget": cut(spec.forget, 4), "paraphrases": cut(spec.paraphrases, 4),
+            spec = spec.model_copy(update={"forget": cut(spec.forget, 4), "forget_eval": cut(spec.forget_eval, 4),
+                                           "paraphrases": cut(spec.paraphrases, 4),
                                            "adversarial": cut(spec.adversarial[::3], 6), "retain": cut(spec.retain[::3], 8),
                                            "neutral": cut(spec.neutral, 4)})
-        filtered, report, before = screen(handle, spec, max_new_tokens=cfg.max_new_tokens, keep_all=not cfg.screen)
+        filtered, unscreened, report, before = prepare(handle, spec, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                                                       keep_all=not cfg.screen)
         atomic_write_json(d / "spec_kept.json", filtered.model_dump())
+        atomic_write_json(d / "retain_unscreened.json", [it.model_dump() for it in unscreened])
         atomic_write_json(d / "base_generations.json", before)
         atomic_write_jsonl(d / "items.jsonl", report.pop("items"))
         atomic_write_json(d / "kept.json", report)
-        return {k: v for k, v in report.items() if isinstance(v, dict) and "kept" in v}
+        return {k: v for k, v in report.items() if k == "splits" or (isinstance(v, dict) and "kept" in v)}
 
     timed("screen", st_screen)
     spec = ConceptSpec.model_validate(read_json(run.stage_dir("screen") / "spec_kept.json"))
+    unscreened = [ConceptItem.model_validate(x) for x in read_json(run.stage_dir("screen") / "retain_unscreened.json")]
     base_gens = read_json(run.stage_dir("screen") / "base_generations.json")
     mnt = cfg.max_new_tokens
 
     # --- before ---------------------------------------------------------------------------
     def st_before(d: Path) -> dict:
-        ev = evaluate(handle, spec, max_new_tokens=mnt, seed=cfg.seed, generations=base_gens)
+        ev = evaluate(handle, spec, max_new_tokens=mnt, seed=cfg.seed, generations=base_gens, retain_unscreened=unscreened)
         atomic_write_jsonl(d / "items.jsonl", ev["items"])
         return ev["metrics"]
 
@@ -121,7 +130,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                                                     if m in ("masked_saliency", "masked_fisher")]))
         for method in methods:
             t0 = time.time()
-            sc = score_units(handle, spec.forget, spec.retain, cfg.localize.model_copy(update={"method": method}))
+            sc = score_units(handle, spec.forget, spec.retain_train, cfg.localize.model_copy(update={"method": method}))
             for kind, s in sc.items():
                 s.save(str(d / f"scores_{method}_{kind}.safetensors"))
             mask = select(sc[cfg.units], cfg.select)
@@ -151,7 +160,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         if not f.exists():  # a comparison added to a finished default run: score with the other localizer now
             f = run.dir / "compare_masks" / f"mask_{method}.pt"
             if not f.exists():
-                sc = score_units(handle, spec.forget, spec.retain, cfg.localize.model_copy(update={"method": method}))
+                sc = score_units(handle, spec.forget, spec.retain_train, cfg.localize.model_copy(update={"method": method}))
                 buf = io.BytesIO()
                 torch.save(select(sc[cfg.units], cfg.select).values, buf)
                 atomic_write_bytes(f, buf.getvalue())
@@ -207,7 +216,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         state["model"] = model
         vh = handle.with_model(model)
         t0 = time.time()
-        ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed)
+        ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed, retain_unscreened=unscreened)
         info["eval_seconds"] = round(time.time() - t0, 1)
         atomic_write_jsonl(d / "items.jsonl", ev["items"])
         atomic_write_json(d / "after_metrics.json", ev["metrics"])
@@ -232,12 +241,14 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         def st_compare(d: Path) -> dict:
             cols: dict[str, dict] = {"base": before}
             extra: dict[str, dict[str, str]] = {"trainable parameters": {"base": "-"}, "train time (s)": {"base": "-"},
-                                                "relearn steps to return": {}, "max abs dW outside mask": {"base": "-"}}
+                                                "relearn steps to return": {}, "relearn lr (worst case)": {"base": "-"},
+                                                "max abs dW outside mask": {"base": "-"}}
             curves: dict[str, list] = {}
             summary = {}
-            check_items = spec.forget if cfg.comparison.relearn_check == "direct" else spec.paraphrases
-            rl_batches = [encode_items(handle, list(spec.forget[s:s + cfg.unlearn.batch_size]))
-                          for s in range(0, len(spec.forget), cfg.unlearn.batch_size)]
+            # the attacker trains on the training forget items; held-out probes tell when the concept is back
+            rl_train, check_items = relearn_sets(spec, cfg.comparison.relearn_check)
+            rl_batches = [encode_items(handle, rl_train[s:s + cfg.unlearn.batch_size])
+                          for s in range(0, len(rl_train), cfg.unlearn.batch_size)]
 
             def make_check(vh):
                 def check(m):
@@ -259,7 +270,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                     model, info = train_variant(variant, None)
                     vh = handle.with_model(model)
                     t0 = time.time()
-                    ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed)
+                    ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed, retain_unscreened=unscreened)
                     info["eval_seconds"] = round(time.time() - t0, 1)
                 atomic_write_jsonl(vd / "items.jsonl", ev["items"])
                 cols[variant] = ev["metrics"]
@@ -275,16 +286,19 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 extra["max abs dW outside mask"][variant] = str(info.get("delta_outside_mask", "-"))
                 s2r = rl["steps_to_return"]
                 extra["relearn steps to return"][variant] = str(s2r) if s2r is not None else f"> {rl['max_steps']}"
+                extra["relearn lr (worst case)"][variant] = f"{rl['lr']:g}"
                 atomic_write_json(vd / "info.json", info)
                 summary[variant] = {"metrics": ev["metrics"], "info": info}
                 del model, plain, vh
                 say(f"    {variant}: done (train {info['train_seconds']} s, eval {info.get('eval_seconds')} s, "
                     f"relearn {info['relearn_seconds']} s)")
             extra["relearn steps to return"]["base"] = "0 (knows it)"
-            write_comparison(d, cfg, spec.name, mask_for(cfg.localize.method).n_selected, cols, extra, curves)
+            write_comparison(d, cfg, spec.name, mask_for(cfg.localize.method).n_selected, cols, extra, curves,
+                             n_train=len(rl_train), n_check=len(check_items))
             return {v: {"leak_direct": s["metrics"]["leak.direct"]["value"],
                         "leak_paraphrase": (s["metrics"].get("leak.paraphrase") or {}).get("value"),
                         "retain_accuracy": s["metrics"]["retain_accuracy"]["value"],
+                        "retain_accuracy_unscreened": s["metrics"]["retain_accuracy_unscreened"]["value"],
                         "steps_to_return": s["info"]["relearn"]["steps_to_return"],
                         "train_seconds": s["info"]["train_seconds"]} for v, s in summary.items()}
 

@@ -8,7 +8,6 @@ source's evaluator returns one :class:`~excise.measure.frame.GroupedResult`.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -26,7 +25,7 @@ from excise.recipes.bbq_eval import predict
 from excise.tasks.bbq import split_items
 from excise.registry import Configured, Registry
 from excise.tasks.bbq import load_bbq, sample_bbq
-from excise.tasks.concepts import format_prompt, load_concept
+from excise.tasks.concepts import format_prompt, load_concept, split_heldout
 from excise.tasks.bbq_prompts import loglik_prompt
 
 
@@ -118,15 +117,11 @@ class ConceptSourceConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="prompts per generation pass")
 
 
-def _held(text: str, seed: int, fraction: float) -> bool:
-    h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
-
-
 @TASKS.register
 class ConceptSource(TaskSource):
     """Forget = direct probes with the concept's answer; retain = the spec's retain_train items (else half of
-    the retain items; the rest evaluate)."""
+    the retain items, :func:`~excise.tasks.concepts.split_heldout`; the rest evaluate). The spec's
+    ``forget_eval`` items, if any, are reported as held-out direct probes."""
 
     name = "concept"
     Config = ConceptSourceConfig
@@ -137,8 +132,7 @@ class ConceptSource(TaskSource):
         if spec.retain_train:  # the spec keeps its own retain training items apart: evaluate on every retain item
             held, kept = list(spec.retain), list(spec.retain_train)
         else:
-            held = [it for it in spec.retain if _held(it.prompt, seed, c.retain_eval_fraction)]
-            kept = [it for it in spec.retain if not _held(it.prompt, seed, c.retain_eval_fraction)]
+            kept, held = split_heldout(spec.retain, seed, c.retain_eval_fraction)
         if not held or not kept:
             raise ExciseError(f"concept '{c.concept}': too few retain items to split into build and eval")
         forget = [Example(format_prompt(handle, it), it.target(), "completion") for it in spec.forget]
@@ -147,9 +141,10 @@ class ConceptSource(TaskSource):
 
         def evaluate(h: Any) -> GroupedResult:
             res = concept_evaluate(h, eval_spec, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=seed)
-            return frame(res)
+            return frame(res, build_sets=() if spec.forget_eval else ("direct",))
 
-        probes = [it.prompt for fam, its in eval_spec.probe_sets().items() if fam != "direct" for it in its]
+        probes = [it.prompt for fam, its in eval_spec.probe_sets().items() if fam != "direct" or spec.forget_eval
+                  for it in its]
         return TaskData(LocateData(forget, retain, list(spec.forget)), evaluate,
                         {"build": [it.prompt for it in list(spec.forget) + kept],
                          "eval": probes + [it.prompt for it in held]})
