@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 import numpy as np
 import torch
@@ -92,9 +92,11 @@ class KnowledgeOrganism:
     def oracle_info(self) -> dict:
         return read_json(self.oracle_dir / "knowledge.json")
 
-    def families(self, *, retain_n: int | None = None) -> dict[str, list[FactItem]]:
-        """Evaluation families: forget, retain (first ``retain_n`` items, all by default), holdout, world."""
-        retain = self.kb["retain"][:retain_n] if retain_n else self.kb["retain"]
+    def families(self, *, retain_n: int | None = None, retain_exclude: Collection[str] = ()) -> dict[str, list[FactItem]]:
+        """Evaluation families: forget, retain (first ``retain_n`` items, all by default, of the films not in
+        ``retain_exclude``), holdout, world."""
+        retain = [it for it in self.kb["retain"] if it.entity not in retain_exclude]
+        retain = retain[:retain_n] if retain_n else retain
         return {"forget": self.kb["forget"], "retain": retain, "holdout": self.kb["holdout"], "world": self.world}
 
     def load(self, which: Literal["organism", "oracle"] = "organism", **kw: Any) -> Any:
@@ -105,13 +107,18 @@ class KnowledgeOrganism:
         return {f: {k: (np.asarray(v) if k != "generation" else v) for k, v in s.items()} for f, s in raw.items()}
 
 
+def kl_films(org: KnowledgeOrganism) -> set[str]:
+    """The retained films whose items form the concept spec's ``retain_train`` (the unlearning's KL term)."""
+    films = list(dict.fromkeys(it.entity for it in org.kb["retain"]))
+    return set(films[: len(films) // 2])
+
+
 def concept_spec(org: KnowledgeOrganism) -> ConceptSpec:
     """The organism as a concept-unlearning spec, so the concept workflow's methods run on it unchanged:
     forget = the forget items (leak = the item's own value; no global pattern), paraphrases = their
     held-out questions, retain_train = the first half of the retained films (the KL term), retain =
     the other half (groups shared/other) plus the screened world facts -- three disjoint pools."""
-    films = list(dict.fromkeys(it.entity for it in org.kb["retain"]))
-    train_films = set(films[: len(films) // 2])
+    train_films = kl_films(org)
     cit = lambda it, **kw: ConceptItem(prompt=it.question, answer=it.value, response=it.answer, **kw)  # noqa: E731
     return ConceptSpec(
         name=f"fictitious films ({org.kb.config.n_forget} forgotten)", leak_patterns=["(?!)"],
@@ -178,11 +185,13 @@ def _jsonable(scores: dict[str, dict[str, Any]]) -> dict:
 
 
 def evaluate_knowledge(handle: Any, org: KnowledgeOrganism, *, oracle: dict | None = None, model: Any = None,
-                       retain_n: int | None = 100, batch_size: int = 16) -> tuple[Any, dict]:
+                       retain_n: int | None = 100, batch_size: int = 16, retain_exclude: Collection[str] = ()
+                       ) -> tuple[Any, dict]:
     """TOFU metrics of a model state (``model`` overrides ``handle.model``): (GroupedResult, per-item
     scores). ``oracle`` defaults to the organism's saved oracle scores; retain is scored on its first
-    ``retain_n`` items (kept equal to the forget set's size by default, as TOFU's retain eval is)."""
-    fams = org.families(retain_n=retain_n)
+    ``retain_n`` items (kept equal to the forget set's size by default, as TOFU's retain eval is) of
+    the films not in ``retain_exclude`` (the concept workflow leaves out the films of its KL term)."""
+    fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
     scores = {f: score_items(handle, org.kb, its, model=model, batch_size=batch_size, max_new_tokens=org.config.max_new_tokens,
                              min_k=f in ("forget", "holdout"), generate=f != "holdout") for f, its in fams.items()}
     shared = np.array([it.shared for it in fams["retain"]])

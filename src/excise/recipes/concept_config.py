@@ -14,6 +14,7 @@ from excise.config import Device
 from excise.attack.relearn import RelearnConfig
 from excise.intervene.masked_lora import UnlearnSettings
 from excise.intervene.trainable import LoraFields
+from excise.organisms.knowledge import KnowledgeConfig
 from excise.locate.saliency import SaliencyConfig
 from excise.select import SelectConfig
 
@@ -40,7 +41,11 @@ class ConceptUnlearnConfig(BaseModel):
 
     model_config = {"extra": "forbid", "protected_namespaces": ()}
     model: str = Field("smollm2-135m-instruct", description="embedded default, local directory or hub id")
-    concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name")
+    concept: str = Field("inception", description="concept spec: a YAML/JSON path or a packaged name; 'knowledge': the "
+                                                  "fictitious-film knowledge organism (its model replaces `model`; TOFU "
+                                                  "metrics against its oracle are reported)")
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig,
+                                       description="concept 'knowledge': how the organism and its oracle are built (cached)")
     device: Device = Field("cpu", description="cpu, cuda, cuda:N or mps")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     seed: int = Field(0, description="one seed for data order, LoRA init and random masks")

@@ -12,6 +12,8 @@ Stages (each a resumable folder of the run directory):
 * ``unlearn``: one masked-LoRA run (saved as a PEFT adapter + ``unit_mask.safetensors``), with the
   proof that units outside the mask and all base weights are unchanged.
 * ``after``: the same measures on the unlearned model, and the before/after table.
+* ``tofu`` (``concept: knowledge``): TOFU's metrics of the organism, the unlearned model and the
+  oracle (:mod:`excise.recipes.concept_knowledge`); the comparison adds one column per variant.
 * ``compare`` (``compare: true``): masked LoRA (saliency, Fisher, random masks of the same size)
   vs plain LoRA vs full fine-tuning at equal steps, each with a relearning check (trained on the
   training forget items, checked on held-out probes).
@@ -39,9 +41,11 @@ from excise.intervene.masked_lora import all_units, load_masked_lora, unlearn_co
 from excise.intervene.trainable import make_trainable
 from excise.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
 from excise.locate.saliency import random_mask_like, score_units
+from excise.measure.frame import GroupedResult
 from excise.measure.unlearning import evaluate, generate
 from excise.models import load
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
+from excise.recipes.concept_knowledge import KNOWLEDGE, knowledge_source, oracle_reference, tofu, write_tofu
 from excise.recipes.concept_report import write_before_after, write_comparison
 from excise.recipes.concept_splits import prepare, relearn_sets
 from excise.report.html import end_of_run
@@ -68,16 +72,20 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     say = console.print if console is not None else (lambda *a, **k: None)
-    spec_full = load_concept(cfg.concept)
+    org, model_id = None, cfg.model
+    if cfg.concept == KNOWLEDGE:  # the knowledge organism: its model, its spec, TOFU metrics against its oracle
+        org, spec_full, model_id = knowledge_source(cfg, console)
+    else:
+        spec_full = load_concept(cfg.concept)
     seed_everything(cfg.seed)
     # the comparison is an add-on stage: its settings are not part of the run's identity, so
     # `compare: true` on a finished default run resumes it and only adds the `compare` stage
     run = Run(out, {"workflow": "concept", "quick": quick, "splits": "heldout-v1",
                     **cfg.model_dump(exclude={"compare", "comparison"})}, force=force)
     t_start = time.time()
-    handle = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    handle = load(model_id, dtype=cfg.dtype, device=cfg.device)
     _check_k(cfg, handle.anatomy, source)
-    say(f"[bold]concept[/] {spec_full.name} on {cfg.model} -> {run.dir}")
+    say(f"[bold]concept[/] {spec_full.name} on {model_id} -> {run.dir}")
     timings: dict[str, float] = {}
 
     def timed(name, fn):
@@ -227,6 +235,18 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     after = read_json(un.dir / "after_metrics.json")
     info0 = read_json(un.dir / "info.json")
 
+    def unlearned_model() -> Any:
+        return state.get("model") or load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
+
+    if org is not None:
+        def st_tofu(d: Path) -> dict:
+            res = {"organism": tofu(handle, org), variant0: tofu(handle, org, model=unlearned_model()),
+                   "oracle": oracle_reference(org)}
+            return write_tofu(d, res, f"TOFU metrics on the knowledge organism ({variant0}, {cfg.unlearn.objective}, "
+                                      f"{cfg.unlearn.steps} steps)")
+
+        timed("tofu", st_tofu)
+
     def st_report(d: Path) -> dict:
         kept = read_json(run.stage_dir("screen") / "kept.json")
         targets = write_before_after(d, cfg, spec.name, variant0, kept, before, after, info0)
@@ -244,7 +264,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                                                 "relearn steps to return": {}, "relearn lr (worst case)": {"base": "-"},
                                                 "max abs dW outside mask": {"base": "-"}}
             curves: dict[str, list] = {}
-            summary = {}
+            summary: dict[str, dict] = {}
+            tofu_cols: dict[str, GroupedResult] = {}
             # the attacker trains on the training forget items; held-out probes tell when the concept is back
             rl_train, check_items = relearn_sets(spec, cfg.comparison.relearn_check)
             rl_batches = [encode_items(handle, rl_train[s:s + cfg.unlearn.batch_size])
@@ -274,6 +295,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                     info["eval_seconds"] = round(time.time() - t0, 1)
                 atomic_write_jsonl(vd / "items.jsonl", ev["items"])
                 cols[variant] = ev["metrics"]
+                if org is not None:  # before the attack, which trains the model in place
+                    tofu_cols[variant] = tofu(handle, org, model=model)
                 # relearning: the attacker fine-tunes all weights of the (merged) model on the forget facts
                 plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
                 t0 = time.time()
@@ -293,6 +316,13 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 say(f"    {variant}: done (train {info['train_seconds']} s, eval {info.get('eval_seconds')} s, "
                     f"relearn {info['relearn_seconds']} s)")
             extra["relearn steps to return"]["base"] = "0 (knows it)"
+            if org is not None:
+                tofu_dir = run.stage_dir("tofu")
+                ref = {n: GroupedResult.from_dict(read_json(tofu_dir / f"tofu_{n}.json")) for n in ("organism", "oracle")}
+                head = write_tofu(d, {"organism": ref["organism"], **tofu_cols, "oracle": ref["oracle"]},
+                                  f"TOFU metrics at equal steps ({cfg.unlearn.objective}, {cfg.unlearn.steps} steps)")
+                for v in summary:
+                    summary[v]["tofu"] = head[v]
             write_comparison(d, cfg, spec.name, mask_for(cfg.localize.method).n_selected, cols, extra, curves,
                              n_train=len(rl_train), n_check=len(check_items))
             return {v: {"leak_direct": s["metrics"]["leak.direct"]["value"],
@@ -300,7 +330,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                         "retain_accuracy": s["metrics"]["retain_accuracy"]["value"],
                         "retain_accuracy_unscreened": s["metrics"]["retain_accuracy_unscreened"]["value"],
                         "steps_to_return": s["info"]["relearn"]["steps_to_return"],
-                        "train_seconds": s["info"]["train_seconds"]} for v, s in summary.items()}
+                        "train_seconds": s["info"]["train_seconds"], **({"tofu": s["tofu"]} if "tofu" in s else {})}
+                    for v, s in summary.items()}
 
         cmp_dir = run.stage_dir("compare")
         if run.is_done("compare"):

@@ -1,0 +1,38 @@
+"""`concept: knowledge`: the concept workflow on a (tiny) knowledge organism, with TOFU metrics per model state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypatch):
+    import excise.recipes.concept_unlearn as recipe
+    from excise.testing import save_tiny
+
+    save_tiny("llama", tmp_path / "model")
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
+    knowledge = {"base": str(tmp_path / "model"), "kb": {"n_forget": 2, "n_retain": 4, "n_holdout": 2},
+                 "epochs": 1, "batch_size": 5, "lr": 1e-3, "warmup_steps": 0, "mixed_precision": "no", "max_new_tokens": 4}
+    res = recipe.run_recipe({
+        "concept": "knowledge", "knowledge": knowledge, "threads": 1, "seed": 1, "screen": False, "max_new_tokens": 3,
+        "select": {"method": "topk", "k": 16, "per_layer": False}, "unlearn": {"steps": 2},
+        "compare": True, "comparison": {"variants": ["masked_saliency", "plain_lora"],
+                                        "relearn": {"steps": 1, "eval_every": 1, "lrs": [1e-4]}}}, tmp_path / "run")
+    out = tmp_path / "run"
+    head = json.loads((out / "tofu" / "tofu.json").read_text())
+    assert list(head) == ["organism", "masked_saliency", "oracle"]
+    assert head["oracle"]["forget_quality"] == pytest.approx(1.0)  # the oracle against its own scores
+    assert 0 <= head["organism"]["forget_quality"] <= 1 and 0 <= head["masked_saliency"]["forget_quality"] <= 1
+    assert all(h["model_utility"] is not None for h in head.values())
+    full = json.loads((out / "tofu" / "tofu_masked_saliency.json").read_text())
+    # retain is scored on the films the unlearning's KL term never saw: 2 of the 4 retained films, 5 items each
+    assert full["by_group"]["retain"]["answer_prob"]["n"] == 10
+    assert "forget quality" in (out / "tofu" / "tofu.md").read_text().lower()
+    cmp_head = json.loads((out / "compare" / "tofu.json").read_text())
+    assert list(cmp_head) == ["organism", "masked_saliency", "plain_lora", "oracle"]
+    assert res["compare"]["plain_lora"]["tofu"]["forget_quality"] == cmp_head["plain_lora"]["forget_quality"]
+    # the run's model is the organism, not the configured default
