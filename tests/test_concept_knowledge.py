@@ -36,3 +36,14 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     assert list(cmp_head) == ["organism", "masked_saliency", "plain_lora", "oracle"]
     assert res["compare"]["plain_lora"]["tofu"]["forget_quality"] == cmp_head["plain_lora"]["forget_quality"]
     # the run's model is the organism, not the configured default
+
+
+def test_packaged_knowledge_recipe_validates():
+    from excise.config import load_yaml, validate
+    from excise.recipes.loader import find_recipe
+    from excise.recipes.concept_config import ConceptUnlearnConfig
+
+    d = load_yaml(find_recipe("concept_knowledge.yaml"))
+    assert d.pop("workflow") == "concept" and d.pop("out")
+    cfg = validate(ConceptUnlearnConfig, d)
+    assert cfg.concept == "knowledge" and not cfg.screen and len(cfg.knowledge.kb.model_dump()) > 0
