@@ -19,6 +19,7 @@ student (6 N tokens) and teacher (2 N tokens) FLOPs.
 
     .venv/bin/python benchmarks/undo_sweep.py --out runs/undo_sweep          # 3 seeds, every variant
     .venv/bin/python benchmarks/undo_sweep.py --quick --out runs/undo_quick  # CI scale, minutes
+    .venv/bin/python benchmarks/undo_sweep.py --report-only --seeds 0 --out runs/undo_sweep  # what is done so far
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def first_reaching(rows: list[dict], refs: dict, variant: str) -> tuple[str, str
     if hi is None or math.isnan(hi):
         hi = refs["oracle"]["auc"]["value"]
     mine = [r for r in rows if r["variant"] == variant and r["n_seeds"]]
+    if not mine:
+        return "not measured yet", "not measured yet"
     ret = next((r["fraction"] for r in mine if r["retain"]["value"] >= 0.9 * base_retain), None)
     rob = next((r["fraction"] for r in mine if r["auc"]["value"] <= hi and r["retain"]["value"] >= 0.9 * base_retain),
                None)
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="one seed, one alpha, paramdiff only, a tiny base (CI)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="summarize the points already kept (of --seeds) without computing any (a sweep still running)")
     args = ap.parse_args(argv)
     import torch
 
@@ -236,12 +241,16 @@ def main(argv=None) -> int:
     s = settings(args) | {"alphas": args.alphas, "beta": args.beta}
     pts = Points(out / "points")
     t0, c0 = time.time(), time.process_time()
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         run_seed(s, args, seed, pts, lambda m: print(m, flush=True))
     variants = [f"global-a{a:g}" for a in args.alphas] + [f"{t.localizer}-p{t.top_p:g}-a{t.alpha:g}" for t in s["targeted"]]
     rows, refs = summarize(pts, args, args.seeds, variants)
     table = [[v, *first_reaching(rows, refs, v)] for v in variants]
-    header = ["variant", "retain >= 90% of base at", "relearning AUC within the oracle's CI (and retain) at"]
+    done = {r["variant"]: max((x["fraction"] for x in rows if x["variant"] == r["variant"] and x["n_seeds"]), default=None)
+            for r in rows}
+    table = [row + [f"{100 * done[row[0]]:g}%" if done[row[0]] is not None else "-"] for row in table]
+    header = ["variant", "retain >= 90% of base at", "relearning AUC within the oracle's CI (and retain) at",
+              "measured up to"]
     ref_line = "; ".join(f"{k}: forget {r['forget']['value']:.3f}, retain {r['retain']['value']:.3f}, "
                          f"AUC {r['auc']['value']:.3f}" for k, r in refs.items())
     md = (f"UNDO compute sweep, seeds {args.seeds}, fractions {args.fractions} of the base's pretraining sequences.\n\n"
