@@ -40,3 +40,8 @@ def test_quick_sweep_writes_the_tradeoff_and_resumes_only_missing_points(tmp_pat
     after = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
     assert {k for k in after if after[k] != before.get(k)} == {half.name}
     assert "paramdiff-p0.1-a0.8: " not in capsys.readouterr().out  # the finished variant was not distilled again
+    # --report-only summarizes the kept points without computing any: the same table
+    table = (out / "table.md").read_text()
+    assert undo_sweep.main(["--quick", "--report-only", "--out", str(out)]) == 0
+    assert (out / "table.md").read_text() == table and "measured up to" in table
+    assert {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")} == after
