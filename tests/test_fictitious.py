@@ -172,6 +172,7 @@ def test_concept_spec_pools_are_disjoint(tmp_path):
     org = KnowledgeOrganism(KnowledgeConfig(), kb, tmp_path, tmp_path, kb["world"][:5])
     spec = concept_spec(org)
     assert len(spec.forget) == 100 and len(spec.paraphrases) == 100
+    assert all(p.target() == f.target() for p, f in zip(spec.paraphrases, spec.forget))  # same answer sentence
     train_q, eval_q = {it.prompt for it in spec.retain_train}, {it.prompt for it in spec.retain}
     assert not (train_q & eval_q) and not (train_q & {it.prompt for it in spec.forget})
     assert {it.group for it in spec.retain} == {"shared", "other", "world"}

@@ -123,7 +123,10 @@ def concept_spec(org: KnowledgeOrganism) -> ConceptSpec:
     return ConceptSpec(
         name=f"fictitious films ({org.kb.config.n_forget} forgotten)", leak_patterns=["(?!)"],
         forget=[cit(it) for it in org.kb["forget"]],
-        paraphrases=[ConceptItem(prompt=q, answer=it.value) for it in org.kb["forget"] for q in it.paraphrased_questions[:1]],
+        # the answer sentence as the teacher-forced response, as for the training questions (the value alone
+        # is not what the organism says first, so its probability would read as ~0 for every model)
+        paraphrases=[ConceptItem(prompt=q, answer=it.value, response=it.answer)
+                     for it in org.kb["forget"] for q in it.paraphrased_questions[:1]],
         retain_train=[cit(it) for it in org.kb["retain"] if it.entity in train_films],
         retain=[cit(it, group="shared" if it.shared else "other") for it in org.kb["retain"] if it.entity not in train_films]
         + [cit(it, group="world") for it in org.world])
