@@ -35,6 +35,20 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     cmp_head = json.loads((out / "compare" / "tofu.json").read_text())
     assert list(cmp_head) == ["organism", "masked_saliency", "plain_lora", "oracle"]
     assert res["compare"]["plain_lora"]["tofu"]["forget_quality"] == cmp_head["plain_lora"]["forget_quality"]
+    # the oracle's row comes from the scores saved with it: the same result as measuring the oracle again
+    from excise.organisms.knowledge import KnowledgeConfig, build_knowledge, kl_films, saved_oracle_result
+    from excise.recipes.concept_knowledge import tofu
+
+    org = build_knowledge(KnowledgeConfig(**knowledge))
+    saved = saved_oracle_result(org, retain_exclude=kl_films(org))
+    measured = tofu(org.load("oracle"), org)
+    assert saved is not None and saved.metrics == measured.metrics and saved.by_group.keys() == measured.by_group.keys()
+    for a, b in zip(saved.rows(), measured.rows()):  # equal up to batching (other padding, float noise)
+        assert (a["scope"], a["metric"], a["n"]) == (b["scope"], b["metric"], b["n"])
+        assert [a[k] for k in ("value", "lo", "hi")] == pytest.approx([b[k] for k in ("value", "lo", "hi")], rel=1e-5,
+                                                                         abs=1e-7, nan_ok=True)
+    row = json.loads((out / "tofu" / "tofu_oracle.json").read_text())["overall"]  # the run used the saved scores
+    assert all(row[m]["value"] == saved[m].value for m in ("forget_answer_prob", "model_utility", "mia_min_k_auc"))
     # the run's model is the organism, not the configured default
 
 

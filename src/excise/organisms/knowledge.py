@@ -197,12 +197,40 @@ def evaluate_knowledge(handle: Any, org: KnowledgeOrganism, *, oracle: dict | No
     fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
     scores = {f: score_items(handle, org.kb, its, model=model, batch_size=batch_size, max_new_tokens=org.config.max_new_tokens,
                              min_k=f in ("forget", "holdout"), generate=f != "holdout") for f, its in fams.items()}
-    shared = np.array([it.shared for it in fams["retain"]])
-    for name, sel in (("retain_shared", shared), ("retain_other", ~shared)):
-        scores[name] = {k: (np.asarray(v)[sel] if k != "generation" else [g for g, s in zip(v, sel) if s])
-                        for k, v in scores["retain"].items()}
+    _split_retain(scores, fams["retain"])
     ref = oracle if oracle is not None else (org.oracle_scores() if (org.oracle_dir / "oracle_scores.json").exists() else None)
     return tofu_result(scores, ref), scores
+
+
+def _pick(family: dict[str, Any], sel: Any) -> dict[str, Any]:
+    """One family's per-item scores at the items ``sel`` (a boolean mask) marks."""
+    return {k: (np.asarray(v)[sel] if k != "generation" else [g for g, s in zip(v, sel) if s]) for k, v in family.items()}
+
+
+def _split_retain(scores: dict[str, dict], retain: list[FactItem]) -> None:
+    """Add ``retain_shared`` / ``retain_other``: the retain items that share an answer with a forget film, and the rest."""
+    shared = np.array([it.shared for it in retain], dtype=bool)
+    for name, sel in (("retain_shared", shared), ("retain_other", ~shared)):
+        scores[name] = _pick(scores["retain"], sel)
+
+
+def saved_oracle_result(org: KnowledgeOrganism, *, retain_n: int | None = 100, retain_exclude: Collection[str] = ()
+                        ) -> Any | None:
+    """The oracle's TOFU result read from the per-item scores saved when it was built (no model run), for
+    the same families :func:`evaluate_knowledge` scores; None when those scores lack a retain item asked for."""
+    if not (org.oracle_dir / "oracle_scores.json").exists():
+        return None
+    saved = org.oracle_scores()
+    fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
+    held = org.kb["retain"][: len(saved.get("retain", {}).get("prob", []))]
+    want = {it.id for it in fams["retain"]}
+    if not want <= {it.id for it in held}:
+        return None
+    scores = {f: s for f, s in saved.items() if f not in ("retain", "retain_shared", "retain_other")}
+    scores = {"forget": scores.pop("forget"), "retain": _pick(saved["retain"], np.array([it.id in want for it in held])),
+              **scores}
+    _split_retain(scores, fams["retain"])
+    return tofu_result(scores, saved)
 
 
 def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids: list[str] | None, console: Any

@@ -15,7 +15,8 @@ from typing import Any
 
 from excise.io import atomic_write_json, atomic_write_text
 from excise.measure.frame import GroupedResult
-from excise.organisms.knowledge import KnowledgeOrganism, build_knowledge, concept_spec, evaluate_knowledge, kl_films
+from excise.organisms.knowledge import (KnowledgeOrganism, build_knowledge, concept_spec, evaluate_knowledge, kl_films,
+                                       saved_oracle_result)
 from excise.tasks.concepts import ConceptSpec
 
 KNOWLEDGE = "knowledge"
@@ -35,8 +36,10 @@ def tofu(handle: Any, org: KnowledgeOrganism, model: Any = None) -> GroupedResul
 
 
 def oracle_reference(org: KnowledgeOrganism) -> GroupedResult:
-    """The oracle's own TOFU row (forget quality 1 by definition): the line every method is read against."""
-    return tofu(org.load("oracle"), org)
+    """The oracle's own TOFU row (forget quality 1 by definition): the line every method is read against.
+    Read from the scores saved with the oracle when they cover the retain films scored, else measured."""
+    saved = saved_oracle_result(org, retain_exclude=kl_films(org))
+    return saved if saved is not None else tofu(org.load("oracle"), org)
 
 
 def write_tofu(d: Path, results: dict[str, GroupedResult], title: str) -> dict:

@@ -236,7 +236,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     info0 = read_json(un.dir / "info.json")
 
     def unlearned_model() -> Any:
-        return state.get("model") or load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
+        model = state.get("model")  # trained in this process, else the saved adapter
+        return model if model is not None else load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
 
     if org is not None:
         def st_tofu(d: Path) -> dict:
@@ -282,7 +283,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 vd = d / variant
                 vd.mkdir(parents=True, exist_ok=True)
                 if variant == variant0:  # the default run already trained it: reload its adapter, reuse its measures
-                    model = load_masked_lora(copy.deepcopy(base_model), un.dir / "adapter").model
+                    model = unlearned_model()
                     info = dict(info0)
                     vh = handle.with_model(model)
                     ev = {"metrics": after, "items": [row for _, row in iter_jsonl(un.dir / "items.jsonl")]}
