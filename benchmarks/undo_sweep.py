@@ -168,6 +168,17 @@ def summarize(pts, args, seeds: list[int], variants: list[str]) -> tuple[list[di
     return rows, refs
 
 
+def compute_line(pts, args, variants: list[str]) -> str:
+    """What 100% of the compute is: sequences, tokens, student and teacher FLOPs (from a finished last point)."""
+    last = max(args.fractions)
+    row = next((r for sd in args.seeds for v in variants if (r := pts.get(f"s{sd}.{v}@{last:g}")) is not None), None)
+    if row is None:
+        return f"Compute at {100 * last:g}%: not measured yet."
+    return (f"Compute at {100 * last:g}% (per variant and seed): {row['step']} distillation steps, {row['sequences']:,} "
+            f"sequences, {row['tokens']:,} tokens; student {row['student_flops']:.3g} FLOPs (6 N tokens, training), "
+            f"teacher {row['teacher_flops']:.3g} FLOPs (2 N tokens, forward only).")
+
+
 def first_reaching(rows: list[dict], refs: dict, variant: str) -> tuple[str, str]:
     """(compute of retain >= 90% of the base, compute of AUC within the oracle's CI), or 'never'."""
     base_retain = refs["base"]["retain"]["value"]
@@ -254,7 +265,8 @@ def main(argv=None) -> int:
     ref_line = "; ".join(f"{k}: forget {r['forget']['value']:.3f}, retain {r['retain']['value']:.3f}, "
                          f"AUC {r['auc']['value']:.3f}" for k, r in refs.items())
     md = (f"UNDO compute sweep, seeds {args.seeds}, fractions {args.fractions} of the base's pretraining sequences.\n\n"
-          f"References (mean over seeds): {ref_line}.\n\n" + _common.table(table, header) + "\n")
+          f"References (mean over seeds): {ref_line}.\n\n{compute_line(pts, args, variants)}\n\n"
+          + _common.table(table, header) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", md)
     atomic_write_csv(out / "sweep.csv", [{"variant": r["variant"], "fraction": r["fraction"], "n_seeds": r["n_seeds"],
