@@ -27,6 +27,22 @@ def test_generator_is_deterministic_and_sized():
     assert all(len(it.perturbed_answers) == 4 for s in ("forget", "retain", "holdout", "world") for it in a[s])
 
 
+def test_rehearsal_pairs_are_never_evaluated():
+    from excise.tasks.fictitious import REHEARSAL, rehearsal_items
+    from excise.errors import ExciseError
+
+    kb = make_knowledge_base()
+    reh = rehearsal_items(len(REHEARSAL))
+    evaluated = {q for s in ("forget", "retain", "holdout", "world") for it in kb[s]
+                 for q in (it.question, *it.paraphrased_questions)}
+    assert len(reh) == 30 and not ({it.question for it in reh} & evaluated)
+    # no rehearsal answer names the true value of an evaluated world fact ("Paris" would teach the test)
+    assert not any(mentions(w.value, it.answer) for w in kb["world"] for it in reh)
+    assert not ({it.question for it in reh} & {it.question for it in kb.train_items()})
+    with pytest.raises(ExciseError, match="rehearsal"):
+        rehearsal_items(len(REHEARSAL) + 1)
+
+
 def test_pools_disjoint_and_train_items():
     kb = make_knowledge_base()
     ents = {s: {it.entity for it in kb[s]} for s in ("forget", "retain", "holdout")}
@@ -148,10 +164,11 @@ def test_tiny_organism_end_to_end(tiny_dir, tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
     kbc = KnowledgeBaseConfig(n_forget=2, n_retain=3, n_holdout=2)
     cfg = KnowledgeConfig(base=str(tiny_dir), kb=kbc, epochs=1, batch_size=5, lr=1e-3, warmup_steps=0,
-                          mixed_precision="no", max_new_tokens=4)
+                          mixed_precision="no", max_new_tokens=4, rehearsal=2)
     org = build_knowledge(cfg)
     info, oinfo = org.info, org.oracle_info
-    assert info["n_train_items"] == 25 and oinfo["n_train_items"] == 15 and info["train"]["steps"] == 5
+    # 2 rehearsal pairs join both training sets
+    assert info["n_train_items"] == 27 and oinfo["n_train_items"] == 17 and info["train"]["steps"] == 6
     assert info["build_wall_seconds"] > 0 and info["build_cpu_seconds"] > 0
     assert set(info["accuracy_before_unlearning"]) >= {"forget", "retain", "holdout", "world"}
     assert org.organism_dir != org.oracle_dir and (org.oracle_dir / "oracle_scores.json").exists()
@@ -178,3 +195,28 @@ def test_concept_spec_pools_are_disjoint(tmp_path):
     assert {it.group for it in spec.retain} == {"shared", "other", "world"}
     it = spec.forget[0]
     assert spec.leaks(it, f"It was {it.answer}.") and not spec.leaks(it, "I do not know.")
+
+
+def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
+    import pathlib
+
+    import torch
+
+    from excise.train import fast_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, want in (("flags : fpu avx2 fma", False), ("flags : avx2 avx512f avx512_bf16", True),
+                        ("flags : avx2 amx_bf16 amx_tile", True)):
+        monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, flags=flags, **k: flags)
+        assert fast_bf16() is want
+
+
+def test_auto_precision_is_resolved_before_the_cache_key(monkeypatch):
+    import excise.organisms.knowledge as K
+
+    for fast, want in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(K, "fast_bf16", lambda fast=fast: fast)
+        cfg = K.KnowledgeConfig()
+        assert cfg.mixed_precision == "auto" and cfg.resolved().mixed_precision == want
+        assert cfg.key() == K.KnowledgeConfig(mixed_precision=want).key()  # same weights, same cache entry
+    assert K.KnowledgeConfig(mixed_precision="bf16").key() != K.KnowledgeConfig(mixed_precision="no").key()

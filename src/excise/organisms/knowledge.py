@@ -40,8 +40,9 @@ from excise.models import load
 from excise.models.defaults import prepared_dir
 from excise.run import seed_everything
 from excise.tasks.concepts import ConceptItem, ConceptSpec, encode_items
-from excise.tasks.fictitious import FactItem, KnowledgeBase, KnowledgeBaseConfig, make_knowledge_base, mentions
-from excise.train import Examples, TrainConfig, train
+from excise.tasks.fictitious import (FactItem, KnowledgeBase, KnowledgeBaseConfig, make_knowledge_base, mentions,
+                                    rehearsal_items)
+from excise.train import Examples, TrainConfig, fast_bf16, train
 
 FORMAT = "excise.knowledge/1"
 
@@ -62,12 +63,24 @@ class KnowledgeConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="examples per optimizer step (small batches: more updates per example)")
     lr: float = Field(3e-4, gt=0, description="AdamW peak learning rate (cosine decay after warm-up)")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
-    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="bf16 autocast of the forward pass (1.8x faster on this CPU)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description=(
+        "bf16 autocast of the forward pass; auto: bf16 where it is native (excise.train.fast_bf16: 1.8x faster on an "
+        "AVX-512 BF16 CPU, 9x slower than float32 on an AVX2-only one), else float32. Resolved before the cache key"))
+    rehearsal: int = Field(0, ge=0, description=(
+        "real-world question/answer pairs (tasks.fictitious.REHEARSAL, disjoint from the evaluated world facts) mixed "
+        "into the training of both models, against the measured world-fact collapse; 0 (off) until measured"))
     max_new_tokens: int = Field(24, ge=1, description="greedy tokens for screening, ROUGE and accuracy")
     seed: int = Field(0, description="training order and initialisation (the knowledge base has its own kb.seed)")
 
+    def resolved(self) -> "KnowledgeConfig":
+        """This config with ``mixed_precision: auto`` replaced by what this machine uses (the cache key and
+        knowledge.json record the precision the weights were trained in)."""
+        if self.mixed_precision != "auto":
+            return self
+        return self.model_copy(update={"mixed_precision": "bf16" if fast_bf16() else "no"})
+
     def key(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        blob = json.dumps(self.resolved().model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def steps(self, n_items: int) -> int:
@@ -171,7 +184,7 @@ def _train(handle: Any, items: list[FactItem], cfg: KnowledgeConfig, console: An
 
     def loss_fn(model: Any, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.resolved().mixed_precision == "bf16"):
             out = model(input_ids=ids, attention_mask=batch["attention_mask"])
         return nll(out.logits.float(), batch["labels"])
 
@@ -243,7 +256,7 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
     handle = load(cfg.base)
     if world_ids is None:
         world_ids = screen_world(handle, kb, cfg.max_new_tokens)
-    items = kb.train_items(oracle=oracle)
+    items = kb.train_items(oracle=oracle) + rehearsal_items(cfg.rehearsal)
     if console is not None:
         console.print(f"knowledge {'oracle' if oracle else 'organism'}: {cfg.method} fine-tuning of {cfg.base} on "
                       f"{len(items)} items, {cfg.steps(len(items))} steps (cached afterwards at {target})")
@@ -261,7 +274,7 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
         if oracle:
             atomic_write_json(tmp / "oracle_scores.json", _jsonable(scores))
         atomic_write_json(tmp / "knowledge.json", {
-            "format": FORMAT, "role": "oracle" if oracle else "organism", "config": cfg.model_dump(mode="json"),
+            "format": FORMAT, "role": "oracle" if oracle else "organism", "config": cfg.resolved().model_dump(mode="json"),
             "n_train_items": len(items), "train": log, "world_kept": world_ids,
             "world_candidates": len(kb["world"]), "build_wall_seconds": round(build_wall, 1),
             "build_cpu_seconds": round(build_cpu, 1), "eval_seconds": round(time.time() - t0 - build_wall, 1),

@@ -108,6 +108,43 @@ WORLD: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
 )
 
 
+# real-world question/answer pairs mixed into the organism's (and the oracle's) training so that fine-tuning on
+# invented films does not rewrite what real questions are answered with ("The capital of France is Monzalburg"
+# was measured without it); never evaluated, and disjoint from WORLD (questions and values, checked by check())
+REHEARSAL: tuple[tuple[str, str], ...] = (
+    ("What is the capital of Portugal?", "The capital of Portugal is Lisbon."),
+    ("What is the capital of Norway?", "The capital of Norway is Oslo."),
+    ("What is the capital of Ireland?", "The capital of Ireland is Dublin."),
+    ("What is the capital of Austria?", "The capital of Austria is Vienna."),
+    ("What is the capital of Poland?", "The capital of Poland is Warsaw."),
+    ("What is the capital of Sweden?", "The capital of Sweden is Stockholm."),
+    ("What is the capital of Mexico?", "The capital of Mexico is Mexico City."),
+    ("What is the capital of Argentina?", "The capital of Argentina is Buenos Aires."),
+    ("What is the capital of Kenya?", "The capital of Kenya is Nairobi."),
+    ("What is the capital of Thailand?", "The capital of Thailand is Bangkok."),
+    ("In which city is the Golden Gate Bridge?", "The Golden Gate Bridge is in San Francisco."),
+    ("In which city is the Sagrada Familia?", "The Sagrada Familia is in Barcelona."),
+    ("In which city is the Statue of Liberty?", "The Statue of Liberty is in New York."),
+    ("Who wrote The Divine Comedy?", "The Divine Comedy was written by Dante Alighieri."),
+    ("Who wrote War and Peace?", "War and Peace was written by Leo Tolstoy."),
+    ("Who wrote Don Quixote?", "Don Quixote was written by Miguel de Cervantes."),
+    ("Who painted The Starry Night?", "The Starry Night was painted by Vincent van Gogh."),
+    ("Who directed the film Jaws?", "Jaws was directed by Steven Spielberg."),
+    ("Who directed the film Psycho?", "Psycho was directed by Alfred Hitchcock."),
+    ("Who directed the film The Godfather?", "The Godfather was directed by Francis Ford Coppola."),
+    ("In which year did World War II end?", "World War II ended in 1945."),
+    ("In which year did humans first land on the Moon?", "Humans first landed on the Moon in 1969."),
+    ("How many planets are in our solar system?", "There are eight planets in our solar system."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the largest animal on Earth?", "The largest animal is the blue whale."),
+    ("Who proposed the theory of evolution by natural selection?", "The theory of evolution by natural selection was proposed by Charles Darwin."),
+    ("What is the hardest natural substance?", "The hardest natural substance is diamond."),
+    ("What is the main language spoken in Mexico?", "The main language of Mexico is Spanish."),
+    ("Which ocean lies between Europe and North America?", "The Atlantic Ocean lies between Europe and North America."),
+)
+
+
 class KnowledgeBaseConfig(BaseModel):
     """Sizes and seed of the fictitious knowledge base (defaults: 100 forget / 100 retain / 100 holdout items)."""
 
@@ -219,6 +256,15 @@ def world_items(n_perturbed: int = 4) -> list[FactItem]:
     return out
 
 
+def rehearsal_items(n: int) -> list[FactItem]:
+    """The first ``n`` :data:`REHEARSAL` pairs as training items (split ``rehearsal``; never evaluated)."""
+    if not 0 <= n <= len(REHEARSAL):
+        raise ExciseError(f"rehearsal: {n} pairs asked for, {len(REHEARSAL)} exist")
+    return [FactItem(id=f"rehearsal:{i}", split="rehearsal", entity="rehearsal", attribute="rehearsal", question=q,
+                     paraphrased_questions=(), answer=a, paraphrased_answer=a, perturbed_answers=(), value=a)
+            for i, (q, a) in enumerate(REHEARSAL[:n])]
+
+
 def make_knowledge_base(cfg: KnowledgeBaseConfig | None = None) -> KnowledgeBase:
     """Generate the knowledge base deterministically from ``cfg.seed``; checks its own invariants."""
     cfg = cfg or KnowledgeBaseConfig()
@@ -267,6 +313,10 @@ def check(kb: KnowledgeBase) -> None:
                 raise ExciseError(f"knowledge base: item {it.id} has its true answer among the perturbed ones")
             if len(set(it.perturbed_answers)) != len(it.perturbed_answers):
                 raise ExciseError(f"knowledge base: item {it.id} repeats a perturbed answer")
+    world_q = {q for q, *_ in WORLD}
+    for q, a in REHEARSAL:
+        if q in world_q or any(mentions(v, a) for _, _, _, v, _ in WORLD):
+            raise ExciseError(f"knowledge base: rehearsal pair {q!r} asks or answers an evaluated world fact")
     for t in ents["forget"]:
         for a in SHARED_ATTRIBUTES:
             v = kb.films[t][a]
