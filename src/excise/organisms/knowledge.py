@@ -182,9 +182,11 @@ def _train(handle: Any, items: list[FactItem], cfg: KnowledgeConfig, console: An
                        schedule="cosine", seed=cfg.seed)
     data = Examples(citems, cfg.batch_size, collate=lambda xs: encode_items(handle, xs), seed=cfg.seed)
 
+    bf16 = cfg.resolved().mixed_precision == "bf16"
+
     def loss_fn(model: Any, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.resolved().mixed_precision == "bf16"):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=ids, attention_mask=batch["attention_mask"])
         return nll(out.logits.float(), batch["labels"])
 
