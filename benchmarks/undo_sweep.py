@@ -168,6 +168,31 @@ def summarize(pts, args, seeds: list[int], variants: list[str]) -> tuple[list[di
     return rows, refs
 
 
+def paired(pts, args, a: str, b: str) -> list[dict]:
+    """Per fraction: mean over seeds of (a - b) in forget, retain and AUC, t-interval, for the seeds with both
+    points -- the same seed shares base, teacher, data order and attack, so pairing removes that variance."""
+    from excise.measure.stats import mean_ci
+
+    rows = []
+    for f in [0.0, *args.fractions]:
+        both = [(x, y) for sd in args.seeds
+                if (x := pts.get(f"s{sd}.{a}@{f:g}")) is not None and (y := pts.get(f"s{sd}.{b}@{f:g}")) is not None]
+        if both:
+            rows.append({"fraction": f, "n_seeds": len(both),
+                         **{m: mean_ci([x[m] - y[m] for x, y in both]).as_dict() for m in ("forget", "retain", "auc")}})
+    return rows
+
+
+def paired_md(rows: list[dict], a: str, b: str) -> str:
+    if not rows:
+        return f"Paired {a} - {b}: no seed has both yet."
+    fmt = lambda e: (f"{e['value']:+.3f}" + ("" if e["lo"] is None or math.isnan(e["lo"])  # noqa: E731
+                                              else f" [{e['lo']:+.3f}, {e['hi']:+.3f}]"))
+    body = [[f"{100 * r['fraction']:g}%", r["n_seeds"], fmt(r["retain"]), fmt(r["auc"]), fmt(r["forget"])] for r in rows]
+    return (f"Paired difference {a} minus {b} (same seed; mean and 95% t-interval over seeds):\n\n"
+            + _common.table(body, ["compute", "seeds", "retain", "relearning AUC", "forget"]))
+
+
 def compute_line(pts, args, variants: list[str]) -> str:
     """What 100% of the compute is: sequences, tokens, student and teacher FLOPs (from a finished last point)."""
     last = max(args.fractions)
@@ -236,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targeted-alpha", type=float, default=0.8)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pair", nargs=2, default=["fisher-p0.3-a0.8", "global-a0.6"], metavar=("A", "B"),
+                    help="two variants compared seed by seed (default: the pair seed 0 of the 2026-12-01 run singled out)")
     ap.add_argument("--quick", action="store_true", help="one seed, one alpha, paramdiff only, a tiny base (CI)")
     ap.add_argument("--report-only", action="store_true",
                     help="summarize the points already kept (of --seeds) without computing any (a sweep still running)")
@@ -247,6 +274,7 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.seeds, args.alphas, args.localizers, args.top_ps, args.fractions = [0], [0.8], ["paramdiff"], [0.1], [0.5, 1.0]
+        args.pair = ["paramdiff-p0.1-a0.8", "global-a0.8"]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     s = settings(args) | {"alphas": args.alphas, "beta": args.beta}
@@ -257,6 +285,7 @@ def main(argv=None) -> int:
     variants = [f"global-a{a:g}" for a in args.alphas] + [f"{t.localizer}-p{t.top_p:g}-a{t.alpha:g}" for t in s["targeted"]]
     rows, refs = summarize(pts, args, args.seeds, variants)
     table = [[v, *first_reaching(rows, refs, v)] for v in variants]
+    pair_rows = paired(pts, args, *args.pair)
     done = {r["variant"]: max((x["fraction"] for x in rows if x["variant"] == r["variant"] and x["n_seeds"]), default=None)
             for r in rows}
     table = [row + [f"{100 * done[row[0]]:g}%" if done[row[0]] is not None else "-"] for row in table]
@@ -266,7 +295,7 @@ def main(argv=None) -> int:
                          f"AUC {r['auc']['value']:.3f}" for k, r in refs.items())
     md = (f"UNDO compute sweep, seeds {args.seeds}, fractions {args.fractions} of the base's pretraining sequences.\n\n"
           f"References (mean over seeds): {ref_line}.\n\n{compute_line(pts, args, variants)}\n\n"
-          + _common.table(table, header) + "\n")
+          + _common.table(table, header) + "\n\n" + paired_md(pair_rows, *args.pair) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", md)
     atomic_write_csv(out / "sweep.csv", [{"variant": r["variant"], "fraction": r["fraction"], "n_seeds": r["n_seeds"],
@@ -275,7 +304,7 @@ def main(argv=None) -> int:
     figure(rows, refs, variants, out / "tradeoff.png")
     wall, cpu = time.time() - t0, time.process_time() - c0
     atomic_write_json(out / "sweep.json", {"args": vars(args), "machine": _common.machine(), "references": refs,
-                                           "rows": rows, "table": table, "wall_seconds": round(wall, 1),
+                                           "rows": rows, "table": table, "paired": {"a": args.pair[0], "b": args.pair[1], "rows": pair_rows}, "wall_seconds": round(wall, 1),
                                            "cpu_seconds": round(cpu, 1)})
     print(md + f"\n{wall:.0f} s wall, {cpu:.0f} s CPU (this invocation; finished points are not re-run)")
     return 0

@@ -25,6 +25,10 @@ def test_quick_sweep_writes_the_tradeoff_and_resumes_only_missing_points(tmp_pat
     assert variants == {"global-a0.8", "paramdiff-p0.1-a0.8"}
     assert {r["fraction"] for r in res["rows"]} == {0.0, 0.5, 1.0}
     assert "student" in (out / "table.md").read_text() and "teacher" in (out / "table.md").read_text()
+    # the paired comparison: one seed has both variants at every fraction
+    pair = res["paired"]
+    assert (pair["a"], pair["b"]) == ("paramdiff-p0.1-a0.8", "global-a0.8")
+    assert [r["n_seeds"] for r in pair["rows"]] == [1, 1, 1] and "Paired difference" in (out / "table.md").read_text()
     assert set(res["references"]) == {"base", "oracle", "teacher"}
     points = out / "points"
     half = next(points.glob("s0.global-a0.8@0.5*.json"))
