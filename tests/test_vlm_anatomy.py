@@ -129,9 +129,16 @@ def test_load_round_trip(family, tmp_path):
     assert h.anatomy is not None and isinstance(h.vision, VisionAnatomy)
     assert load(str(tmp_path)).kind == "vlm"  # kind="auto" recognises a VLM directory
     model, _ = tiny_vlm_parts(family)  # same seed: same weights as what was saved
+    saved, loaded = model.state_dict(), h.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # the round trip is bit-exact
     batch = vlm_inputs(h, [tiny_image(0)])
     with torch.no_grad():
-        assert torch.equal(_logits(h.model(**batch)), _logits(model(**batch)))
+        # Weights loaded from safetensors are memory-mapped at offsets that are not 64-byte
+        # aligned, and CPU BLAS kernels may sum in a different order on unaligned data (CLIP
+        # measured 1 ulp apart; cloning the weights makes it bit-identical), so outputs match
+        # to float precision, not bit for bit.
+        torch.testing.assert_close(_logits(h.model(**batch)), _logits(model(**batch)), rtol=1e-5, atol=1e-6)
 
 
 def test_vision_sites_on_a_text_model_fail_in_one_line():
