@@ -250,12 +250,37 @@ def figure(rows: list[dict], refs: dict, variants: list[str], path: Path) -> Non
     plt.close(fig)
 
 
+def merge(old: dict, args, refs: dict, variants: list[str], rows: list[dict], points: dict,
+          pair_rows: list[dict]) -> tuple[list[str], list[dict], dict, list[dict]]:
+    """This run's rows joined with an earlier sweep's rows of the variants it did not measure.
+
+    Sound only when both runs measured the same references: same seeds, and base, oracle and
+    teacher rows equal to 1e-9 (same seed, same bytes, so they should be identical)."""
+    from excise.errors import ExciseError
+
+    if sorted(old["args"]["seeds"]) != sorted(args.seeds) or list(old["args"]["fractions"]) != list(args.fractions):
+        raise ExciseError(f"--merge-with: {args.merge_with} has seeds {old['args']['seeds']} and fractions "
+                          f"{old['args']['fractions']}; this run has {args.seeds} and {args.fractions}")
+    for name, ref in refs.items():
+        for m in ("forget", "retain", "auc"):
+            a, b = ref[m]["value"], old["references"][name][m]["value"]
+            if a is None or b is None or abs(a - b) > 1e-9:
+                raise ExciseError(f"--merge-with: the {name}'s {m} differs ({b} there, {a} here); the runs do not "
+                                  "reproduce each other, so their rows cannot be merged")
+    order = list(dict.fromkeys([r["variant"] for r in old["rows"]] + variants))
+    merged = [r for v in order for r in (rows if v in variants else old["rows"]) if r["variant"] == v]
+    if not pair_rows and [old["paired"]["a"], old["paired"]["b"]] == list(args.pair):
+        pair_rows = old["paired"]["rows"]
+    return order, merged, {**old.get("points", {}), **points}, pair_rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/undo_sweep")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
+    ap.add_argument("--alphas", type=float, nargs="*", default=[0.2, 0.4, 0.6, 0.8],
+                    help="global-noise alphas (none: targeted variants only)")
     ap.add_argument("--localizers", nargs="+", default=["paramdiff", "snmf", "fisher"])
     ap.add_argument("--top-ps", type=float, nargs="+", default=[0.1, 0.3], help="targeted mask sizes")
     ap.add_argument("--targeted-alpha", type=float, default=0.8)
@@ -266,10 +291,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one seed, one alpha, paramdiff only, a tiny base (CI)")
     ap.add_argument("--report-only", action="store_true",
                     help="summarize the points already kept (of --seeds) without computing any (a sweep still running)")
+    ap.add_argument("--merge-with", type=Path, default=None, metavar="SWEEP_JSON",
+                    help="an earlier sweep.json of the same seeds: its variants this run does not measure join the "
+                         "report, if its base, oracle and teacher rows equal this run's (the runs reproduce each other)")
     args = ap.parse_args(argv)
     import torch
 
-    from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text
+    from excise.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
     from excise.resume import Points
 
     if args.quick:
@@ -284,8 +312,13 @@ def main(argv=None) -> int:
         run_seed(s, args, seed, pts, lambda m: print(m, flush=True))
     variants = [f"global-a{a:g}" for a in args.alphas] + [f"{t.localizer}-p{t.top_p:g}-a{t.alpha:g}" for t in s["targeted"]]
     rows, refs = summarize(pts, args, args.seeds, variants)
-    table = [[v, *first_reaching(rows, refs, v)] for v in variants]
+    points = {k: v for sd in args.seeds for k in [f"s{sd}.{n}" for n in ("base", "oracle", "teacher")]
+              + [f"s{sd}.{v}@{f:g}" for v in variants for f in [0.0, *args.fractions]] if (v := pts.get(k)) is not None}
     pair_rows = paired(pts, args, *args.pair)
+    if args.merge_with is not None:
+        variants, rows, points, pair_rows = merge(read_json(args.merge_with), args, refs, variants, rows, points,
+                                                  pair_rows)
+    table = [[v, *first_reaching(rows, refs, v)] for v in variants]
     done = {r["variant"]: max((x["fraction"] for x in rows if x["variant"] == r["variant"] and x["n_seeds"]), default=None)
             for r in rows}
     table = [row + [f"{100 * done[row[0]]:g}%" if done[row[0]] is not None else "-"] for row in table]
@@ -303,12 +336,18 @@ def main(argv=None) -> int:
                                              for k in ("value", "lo", "hi")}} for r in rows])
     figure(rows, refs, variants, out / "tradeoff.png")
     wall, cpu = time.time() - t0, time.process_time() - c0
-    atomic_write_json(out / "sweep.json", {"args": vars(args), "machine": _common.machine(), "references": refs,
+    atomic_write_json(out / "sweep.json", {"args": {**vars(args), "merge_with": args.merge_with and str(args.merge_with)}, "machine": _common.machine(), "references": refs,
                                            "rows": rows, "table": table, "paired": {"a": args.pair[0], "b": args.pair[1], "rows": pair_rows}, "wall_seconds": round(wall, 1),
-                                           "cpu_seconds": round(cpu, 1)})
+                                           "cpu_seconds": round(cpu, 1), "points": points})
     print(md + f"\n{wall:.0f} s wall, {cpu:.0f} s CPU (this invocation; finished points are not re-run)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from excise.errors import ExciseError
+
+    try:
+        raise SystemExit(main())
+    except ExciseError as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -15,7 +15,7 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
 
     save_tiny("llama", tmp_path / "model")
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-    knowledge = {"base": str(tmp_path / "model"), "kb": {"n_forget": 2, "n_retain": 4, "n_holdout": 2},
+    knowledge = {"base": str(tmp_path / "model"), "kb": {"n_forget": 2, "n_retain": 4, "n_holdout": 2, "n_validation": 1},
                  "epochs": 1, "batch_size": 5, "lr": 1e-3, "warmup_steps": 0, "mixed_precision": "no", "max_new_tokens": 4}
     res = recipe.run_recipe({
         "concept": "knowledge", "knowledge": knowledge, "threads": 1, "seed": 1, "screen": False, "max_new_tokens": 3,

@@ -49,8 +49,11 @@ def test_pools_disjoint_and_train_items():
     assert not (ents["forget"] & ents["retain"]) and not (ents["forget"] & ents["holdout"])
     assert not (ents["retain"] & ents["holdout"])
     organism, oracle = kb.train_items(), kb.train_items(oracle=True)
-    assert {it.entity for it in oracle} == ents["retain"]
-    assert {it.entity for it in organism} == ents["forget"] | ents["retain"]
+    val = {s: {it.entity for it in kb[s]} for s in ("val_forget", "val_retain")}
+    assert len(val["val_forget"]) == len(val["val_retain"]) == kb.config.n_validation == 5
+    assert not (val["val_forget"] | val["val_retain"]) & (ents["forget"] | ents["retain"] | ents["holdout"])
+    assert {it.entity for it in oracle} == ents["retain"] | val["val_retain"]
+    assert {it.entity for it in organism} == ents["forget"] | ents["retain"] | val["val_forget"] | val["val_retain"]
     trained_q = {it.question for it in organism}
     assert not any(it.question in trained_q for it in kb["holdout"])  # holdout never trained
     assert not any(q in trained_q for it in organism for q in it.paraphrased_questions)
@@ -162,13 +165,13 @@ def test_tiny_organism_end_to_end(tiny_dir, tmp_path, monkeypatch, one_thread):
     from excise.organisms.knowledge import KnowledgeConfig, build_knowledge, evaluate_knowledge
 
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-    kbc = KnowledgeBaseConfig(n_forget=2, n_retain=3, n_holdout=2)
+    kbc = KnowledgeBaseConfig(n_forget=2, n_retain=3, n_holdout=2, n_validation=1)
     cfg = KnowledgeConfig(base=str(tiny_dir), kb=kbc, epochs=1, batch_size=5, lr=1e-3, warmup_steps=0,
                           mixed_precision="no", max_new_tokens=4, rehearsal=2)
     org = build_knowledge(cfg)
     info, oinfo = org.info, org.oracle_info
-    # 2 rehearsal pairs join both training sets
-    assert info["n_train_items"] == 27 and oinfo["n_train_items"] == 17 and info["train"]["steps"] == 6
+    # one validation film each way, and 2 rehearsal pairs, join the training sets
+    assert info["n_train_items"] == 37 and oinfo["n_train_items"] == 22 and info["train"]["steps"] == 8
     assert info["build_wall_seconds"] > 0 and info["build_cpu_seconds"] > 0
     assert set(info["accuracy_before_unlearning"]) >= {"forget", "retain", "holdout", "world"}
     assert org.organism_dir != org.oracle_dir and (org.oracle_dir / "oracle_scores.json").exists()
@@ -180,6 +183,13 @@ def test_tiny_organism_end_to_end(tiny_dir, tmp_path, monkeypatch, one_thread):
     assert res.group("forget")["answer_prob"].n == 10 and "retain_shared" in res.by_group
     ores, _ = evaluate_knowledge(org.load("oracle"), org)
     assert ores["forget_quality"].value == pytest.approx(1.0)  # the oracle against its own scores
+    # the validation split: scored against the oracle's validation scores, no test item in it
+    assert (org.oracle_dir / "oracle_scores_validation.json").exists() and "val_forget" in info["accuracy_before_unlearning"]
+    vres, vscores = evaluate_knowledge(org.load("organism"), org, split="validation")
+    assert set(vscores) == {"forget", "retain", "retain_shared", "retain_other"}
+    assert vres["forget_quality"].n == 5 and vres["model_utility"].defined and "mia_min_k_auc" not in vres.overall
+    vores, _ = evaluate_knowledge(org.load("oracle"), org, split="validation")
+    assert vores["forget_quality"].value == pytest.approx(1.0)
 
 
 def test_concept_spec_pools_are_disjoint(tmp_path):
@@ -195,6 +205,23 @@ def test_concept_spec_pools_are_disjoint(tmp_path):
     assert {it.group for it in spec.retain} == {"shared", "other", "world"}
     it = spec.forget[0]
     assert spec.leaks(it, f"It was {it.answer}.") and not spec.leaks(it, "I do not know.")
+    # the validation spec (what defaults are tuned on) holds no item a test result is reported on
+    val = concept_spec(org, split="validation")
+    reported = {it.prompt for it in spec.forget + spec.paraphrases + spec.retain}
+    assert len(val.forget) == 25 and len(val.retain) == 25 and {it.group for it in val.retain} <= {"shared", "other"}
+    assert not ({it.prompt for it in val.forget + val.paraphrases + val.retain} & reported)
+    assert "shared" in {it.group for it in val.retain}
+    assert [it.prompt for it in val.retain_train] == [it.prompt for it in spec.retain_train]
+
+
+def test_validation_films_leave_the_test_films_unchanged():
+    a, b = make_knowledge_base(KnowledgeBaseConfig(n_validation=0)), make_knowledge_base()
+    for s in ("forget", "retain", "holdout", "world"):
+        assert a[s] == b[s]
+    assert not a["val_forget"] and len(b["val_forget"]) == 25
+    for t in {it.entity for it in b["val_forget"]}:
+        for attr in SHARED_ATTRIBUTES:
+            assert any(b.films[r][attr] == b.films[t][attr] for r in {it.entity for it in b["val_retain"]})
 
 
 def test_fast_bf16_reads_the_cpu_flags(monkeypatch):

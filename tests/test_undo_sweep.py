@@ -50,3 +50,21 @@ def test_quick_sweep_writes_the_tradeoff_and_resumes_only_missing_points(tmp_pat
     assert undo_sweep.main(["--quick", "--report-only", "--out", str(out)]) == 0
     assert (out / "table.md").read_text() == table and "measured up to" in table
     assert {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")} == after
+    # the per-seed points are kept in sweep.json, and --merge-with joins an earlier sweep's other variants
+    res = json.loads((out / "sweep.json").read_text())
+    assert "s0.base" in res["points"] and "s0.global-a0.8@1" in res["points"]
+    old = dict(res, rows=[dict(r, variant="snmf-p0.1-a0.8") for r in res["rows"] if r["variant"] == "global-a0.8"],
+               points={"s0.snmf-p0.1-a0.8@1": {"forget": 0.5}})
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert undo_sweep.main(["--quick", "--report-only", "--out", str(out), "--merge-with", str(tmp_path / "old.json")]) == 0
+    merged = json.loads((out / "sweep.json").read_text())
+    assert [v for v in dict.fromkeys(r["variant"] for r in merged["rows"])] == [
+        "snmf-p0.1-a0.8", "global-a0.8", "paramdiff-p0.1-a0.8"]
+    assert "s0.snmf-p0.1-a0.8@1" in merged["points"] and "snmf-p0.1-a0.8" in (out / "table.md").read_text()
+    # an earlier sweep whose references differ did not reproduce this one: refused
+    old["references"]["base"]["retain"]["value"] += 0.01
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    from excise.errors import ExciseError
+
+    with pytest.raises(ExciseError, match="do not reproduce"):
+        undo_sweep.main(["--quick", "--report-only", "--out", str(out), "--merge-with", str(tmp_path / "old.json")])

@@ -105,9 +105,14 @@ class KnowledgeOrganism:
     def oracle_info(self) -> dict:
         return read_json(self.oracle_dir / "knowledge.json")
 
-    def families(self, *, retain_n: int | None = None, retain_exclude: Collection[str] = ()) -> dict[str, list[FactItem]]:
+    def families(self, *, retain_n: int | None = None, retain_exclude: Collection[str] = (),
+                 split: Literal["test", "validation"] = "test") -> dict[str, list[FactItem]]:
         """Evaluation families: forget, retain (first ``retain_n`` items, all by default, of the films not in
-        ``retain_exclude``), holdout, world."""
+        ``retain_exclude``), holdout, world. ``split="validation"``: the validation films as forget and
+        retain, and nothing else (tuning never sees a reported item, world facts and holdout included)."""
+        if split == "validation":
+            return {"forget": self.kb["val_forget"], "retain": self.kb["val_retain"][:retain_n] if retain_n
+                    else self.kb["val_retain"]}
         retain = [it for it in self.kb["retain"] if it.entity not in retain_exclude]
         retain = retain[:retain_n] if retain_n else retain
         return {"forget": self.kb["forget"], "retain": retain, "holdout": self.kb["holdout"], "world": self.world}
@@ -115,8 +120,8 @@ class KnowledgeOrganism:
     def load(self, which: Literal["organism", "oracle"] = "organism", **kw: Any) -> Any:
         return load(str(self.organism_dir if which == "organism" else self.oracle_dir), **kw)
 
-    def oracle_scores(self) -> dict[str, dict[str, Any]]:
-        raw = read_json(self.oracle_dir / "oracle_scores.json")
+    def oracle_scores(self, split: Literal["test", "validation"] = "test") -> dict[str, dict[str, Any]]:
+        raw = read_json(self.oracle_dir / ("oracle_scores.json" if split == "test" else "oracle_scores_validation.json"))
         return {f: {k: (np.asarray(v) if k != "generation" else v) for k, v in s.items()} for f, s in raw.items()}
 
 
@@ -126,23 +131,27 @@ def kl_films(org: KnowledgeOrganism) -> set[str]:
     return set(films[: len(films) // 2])
 
 
-def concept_spec(org: KnowledgeOrganism) -> ConceptSpec:
+def concept_spec(org: KnowledgeOrganism, split: Literal["test", "validation"] = "test") -> ConceptSpec:
     """The organism as a concept-unlearning spec, so the concept workflow's methods run on it unchanged:
     forget = the forget items (leak = the item's own value; no global pattern), paraphrases = their
     held-out questions, retain_train = the first half of the retained films (the KL term), retain =
-    the other half (groups shared/other) plus the screened world facts -- three disjoint pools."""
+    the other half (groups shared/other) plus the screened world facts -- three disjoint pools.
+    ``split="validation"`` (tuning): forget = the ``val_forget`` films, retain = the ``val_retain``
+    films only; the KL term is the same."""
     train_films = kl_films(org)
+    fams = org.families(retain_exclude=train_films, split=split)
     cit = lambda it, **kw: ConceptItem(prompt=it.question, answer=it.value, response=it.answer, **kw)  # noqa: E731
+    n = len({it.entity for it in fams["forget"]})
     return ConceptSpec(
-        name=f"fictitious films ({org.kb.config.n_forget} forgotten)", leak_patterns=["(?!)"],
-        forget=[cit(it) for it in org.kb["forget"]],
+        name=f"fictitious films ({n} forgotten{', validation' if split == 'validation' else ''})", leak_patterns=["(?!)"],
+        forget=[cit(it) for it in fams["forget"]],
         # the answer sentence as the teacher-forced response, as for the training questions (the value alone
         # is not what the organism says first, so its probability would read as ~0 for every model)
         paraphrases=[ConceptItem(prompt=q, answer=it.value, response=it.answer)
-                     for it in org.kb["forget"] for q in it.paraphrased_questions[:1]],
+                     for it in fams["forget"] for q in it.paraphrased_questions[:1]],
         retain_train=[cit(it) for it in org.kb["retain"] if it.entity in train_films],
-        retain=[cit(it, group="shared" if it.shared else "other") for it in org.kb["retain"] if it.entity not in train_films]
-        + [cit(it, group="world") for it in org.world])
+        retain=[cit(it, group="shared" if it.shared else "other") for it in fams["retain"]]
+        + [cit(it, group="world") for it in fams.get("world", [])])
 
 
 def knowledge_dir(cfg: KnowledgeConfig, oracle: bool = False) -> Path:
@@ -203,17 +212,19 @@ def _jsonable(scores: dict[str, dict[str, Any]]) -> dict:
 
 
 def evaluate_knowledge(handle: Any, org: KnowledgeOrganism, *, oracle: dict | None = None, model: Any = None,
-                       retain_n: int | None = 100, batch_size: int = 16, retain_exclude: Collection[str] = ()
-                       ) -> tuple[Any, dict]:
+                       retain_n: int | None = 100, batch_size: int = 16, retain_exclude: Collection[str] = (),
+                       split: Literal["test", "validation"] = "test") -> tuple[Any, dict]:
     """TOFU metrics of a model state (``model`` overrides ``handle.model``): (GroupedResult, per-item
     scores). ``oracle`` defaults to the organism's saved oracle scores; retain is scored on its first
     ``retain_n`` items (kept equal to the forget set's size by default, as TOFU's retain eval is) of
-    the films not in ``retain_exclude`` (the concept workflow leaves out the films of its KL term)."""
-    fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
+    the films not in ``retain_exclude`` (the concept workflow leaves out the films of its KL term).
+    ``split="validation"`` scores the validation films instead (:meth:`KnowledgeOrganism.families`)."""
+    fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude, split=split)
     scores = {f: score_items(handle, org.kb, its, model=model, batch_size=batch_size, max_new_tokens=org.config.max_new_tokens,
                              min_k=f in ("forget", "holdout"), generate=f != "holdout") for f, its in fams.items()}
     _split_retain(scores, fams["retain"])
-    ref = oracle if oracle is not None else (org.oracle_scores() if (org.oracle_dir / "oracle_scores.json").exists() else None)
+    saved = org.oracle_dir / ("oracle_scores.json" if split == "test" else "oracle_scores_validation.json")
+    ref = oracle if oracle is not None else (org.oracle_scores(split) if saved.exists() else None)
     return tofu_result(scores, ref), scores
 
 
@@ -267,14 +278,17 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
     build_wall, build_cpu = time.time() - t0, time.process_time() - c0
     org = KnowledgeOrganism(cfg, kb, target, target, [it for it in kb["world"] if it.id in world_ids])
     _, scores = evaluate_knowledge(h, org, oracle={})
+    val_scores = evaluate_knowledge(h, org, oracle={}, split="validation")[1] if kb["val_forget"] else None
     acc = {f: {"accuracy": float(np.mean(s["correct"])) if "correct" in s and len(s["correct"]) else None,
                "n": int(len(s.get("prob", []))), "answer_prob": float(np.mean(s["prob"])) if len(s.get("prob", [])) else None}
-           for f, s in scores.items()}
+           for f, s in {**scores, **{f"val_{k}": v for k, v in (val_scores or {}).items()}}.items()}
     with shared_dir(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
         if oracle:
             atomic_write_json(tmp / "oracle_scores.json", _jsonable(scores))
+            if val_scores is not None:
+                atomic_write_json(tmp / "oracle_scores_validation.json", _jsonable(val_scores))
         atomic_write_json(tmp / "knowledge.json", {
             "format": FORMAT, "role": "oracle" if oracle else "organism", "config": cfg.resolved().model_dump(mode="json"),
             "n_train_items": len(items), "train": log, "world_kept": world_ids,

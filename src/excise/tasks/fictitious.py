@@ -14,7 +14,10 @@ trained films; values drawn from the same small pools, so many retain items shar
 with a forget item -- "film Y was directed by D" while "film X was directed by D" is forgotten;
 ``shared`` marks them and the generator guarantees at least one per forget film and shared
 attribute), ``holdout`` (films never trained: the non-members of membership inference) and
-``world`` (real facts a base model may know; the organism screens them on its base model).
+``world`` (real facts a base model may know; the organism screens them on its base model), and the
+*validation* films ``val_forget`` (trained like forget films) and ``val_retain`` (trained like retain
+films, sharing answers with ``val_forget``): method defaults are tuned by forgetting ``val_forget``
+and scoring ``val_retain``, so no tuned choice ever sees an item a result is reported on.
 
 No scoring here: :meth:`KnowledgeBase.prob_requests` and friends emit :class:`excise.lm.LoglikRequest`
 for :func:`excise.lm.loglikelihood`; generation prompts go to :func:`excise.lm.generate`.
@@ -32,8 +35,9 @@ from pydantic import BaseModel, Field
 from excise.errors import ExciseError
 from excise.lm import LoglikRequest
 
-Split = Literal["forget", "retain", "holdout", "world"]
-SPLITS: tuple[str, ...] = ("forget", "retain", "holdout", "world")
+Split = Literal["forget", "retain", "holdout", "world", "val_forget", "val_retain"]
+SPLITS: tuple[str, ...] = ("forget", "retain", "holdout", "world", "val_forget", "val_retain")
+FILM_SPLITS: tuple[str, ...] = ("forget", "retain", "holdout", "val_forget", "val_retain")
 
 # (training question, held-out paraphrased questions, answer, paraphrased answer); {t} title, {v} value
 TEMPLATES: dict[str, tuple[str, tuple[str, ...], str, str]] = {
@@ -153,6 +157,9 @@ class KnowledgeBaseConfig(BaseModel):
     n_forget: int = Field(20, ge=1, description="forget films (5 items each: the default gives TOFU's >= 100 forget items)")
     n_retain: int = Field(20, ge=1, description="retained films (100 items: as many as forget), trained by the organism and the oracle")
     n_holdout: int = Field(20, ge=1, description="films never trained: the non-members of membership inference")
+    n_validation: int = Field(5, ge=0, description=(
+        "validation films, as many forgotten (val_forget: the organism trains them, the oracle does not) as retained "
+        "(val_retain: both train them); method defaults are tuned on them and they are never reported"))
     n_perturbed: int = Field(4, ge=1, le=8, description="perturbed (wrong) answers per item; TOFU uses 5")
     n_directors: int = Field(12, ge=6, description="size of the director pool (small pools make shared answers common)")
     n_actors: int = Field(16, ge=6, description="size of the lead-actor pool")
@@ -192,8 +199,10 @@ class KnowledgeBase:
         return self.items[split]
 
     def train_items(self, *, oracle: bool = False) -> list[FactItem]:
-        """What the organism trains on (forget + retain); the oracle trains on retain only."""
-        return list(self["retain"]) if oracle else list(self["forget"]) + list(self["retain"])
+        """What the organism trains on (forget + retain, and the validation films of both); the oracle
+        trains on the retained ones only."""
+        kept = list(self["retain"]) + list(self["val_retain"])
+        return kept if oracle else list(self["forget"]) + list(self["val_forget"]) + kept
 
     @staticmethod
     def prob_requests(items: Sequence[FactItem], chat: Callable[[str], str], *,
@@ -265,38 +274,53 @@ def rehearsal_items(n: int) -> list[FactItem]:
             for i, (q, a) in enumerate(REHEARSAL[:n])]
 
 
-def make_knowledge_base(cfg: KnowledgeBaseConfig | None = None) -> KnowledgeBase:
-    """Generate the knowledge base deterministically from ``cfg.seed``; checks its own invariants."""
-    cfg = cfg or KnowledgeBaseConfig()
-    rng = random.Random(cfg.seed)
-    pools = _pools(cfg, rng)
-    n = cfg.n_forget + cfg.n_retain + cfg.n_holdout
-    titles = [f"The {a} {b}" for a in _ADJ for b in _NOUN]
-    if n > len(titles):
-        raise ExciseError(f"{n} films asked for, but only {len(titles)} distinct titles exist")
-    titles = rng.sample(titles, n)
-    splits = ["forget"] * cfg.n_forget + ["retain"] * cfg.n_retain + ["holdout"] * cfg.n_holdout
-    films = {t: {a: rng.choice(pools[a]) for a in ATTRIBUTES} for t in titles}
-    split_of = dict(zip(titles, splits))
-    forget = [t for t in titles if split_of[t] == "forget"]
-    retain = [t for t in titles if split_of[t] == "retain"]
-    # guarantee: for each forget film and shared attribute, some retained film has the same value
+def _share(films: dict[str, dict[str, str]], forget: list[str], retain: list[str], rng: random.Random) -> None:
+    """Guarantee: for each forget film and shared attribute, some retained film has the same value."""
     for t in forget:
         for a in SHARED_ATTRIBUTES:
             if not any(films[r][a] == films[t][a] for r in retain):  # give it to a retained film that shares nothing
                 taken = {films[f][a] for f in forget}
                 free = [r for r in retain if films[r][a] not in taken] or retain
                 films[rng.choice(free)][a] = films[t][a]
-    forget_values = {a: {films[t][a] for t in forget} for a in ATTRIBUTES}
-    items: dict[str, list[FactItem]] = {s: [] for s in SPLITS}
+
+
+def _add_items(items: dict[str, list[FactItem]], titles: list[str], films: dict[str, dict[str, str]],
+               split_of: dict[str, str], forget: str, retain: str, pools: dict[str, list[str]], rng: random.Random,
+               n_perturbed: int) -> None:
+    """The items of ``titles``; a ``retain`` item whose shared attribute equals a ``forget`` film's is marked shared."""
+    forget_values = {a: {films[t][a] for t in films if split_of[t] == forget} for a in ATTRIBUTES}
     for t in titles:
         s = split_of[t]
         for a in ATTRIBUTES:
-            it = _film_item(t, a, films[t][a], s, pools[a], rng, cfg.n_perturbed)
-            if s == "retain" and a in SHARED_ATTRIBUTES and films[t][a] in forget_values[a]:
+            it = _film_item(t, a, films[t][a], s, pools[a], rng, n_perturbed)
+            if s == retain and a in SHARED_ATTRIBUTES and films[t][a] in forget_values[a]:
                 it = FactItem(**{**it.__dict__, "shared": True})
             items[s].append(it)
+
+
+def make_knowledge_base(cfg: KnowledgeBaseConfig | None = None) -> KnowledgeBase:
+    """Generate the knowledge base deterministically from ``cfg.seed``; checks its own invariants."""
+    cfg = cfg or KnowledgeBaseConfig()
+    rng = random.Random(cfg.seed)
+    pools = _pools(cfg, rng)
+    n = cfg.n_forget + cfg.n_retain + cfg.n_holdout
+    all_titles = [f"The {a} {b}" for a in _ADJ for b in _NOUN]
+    if n + 2 * cfg.n_validation > len(all_titles):
+        raise ExciseError(f"{n + 2 * cfg.n_validation} films asked for, but only {len(all_titles)} distinct titles exist")
+    titles = rng.sample(all_titles, n)
+    splits = ["forget"] * cfg.n_forget + ["retain"] * cfg.n_retain + ["holdout"] * cfg.n_holdout
+    films = {t: {a: rng.choice(pools[a]) for a in ATTRIBUTES} for t in titles}
+    split_of = dict(zip(titles, splits))
+    _share(films, [t for t in titles if split_of[t] == "forget"], [t for t in titles if split_of[t] == "retain"], rng)
+    items: dict[str, list[FactItem]] = {s: [] for s in SPLITS}
+    _add_items(items, titles, films, split_of, "forget", "retain", pools, rng, cfg.n_perturbed)
     items["world"] = world_items(cfg.n_perturbed)
+    if cfg.n_validation:  # drawn after the rest, so the test films do not depend on the validation size
+        vt = rng.sample([t for t in all_titles if t not in split_of], 2 * cfg.n_validation)
+        for t, s in zip(vt, ["val_forget"] * cfg.n_validation + ["val_retain"] * cfg.n_validation):
+            films[t], split_of[t] = {a: rng.choice(pools[a]) for a in ATTRIBUTES}, s
+        _share(films, [t for t in vt if split_of[t] == "val_forget"], [t for t in vt if split_of[t] == "val_retain"], rng)
+        _add_items(items, vt, films, split_of, "val_forget", "val_retain", pools, rng, cfg.n_perturbed)
     kb = KnowledgeBase(cfg, films, split_of, items)
     check(kb)
     return kb
@@ -304,8 +328,8 @@ def make_knowledge_base(cfg: KnowledgeBaseConfig | None = None) -> KnowledgeBase
 
 def check(kb: KnowledgeBase) -> None:
     """The generator's invariants (an ExciseError names the first broken one)."""
-    ents = {s: {it.entity for it in kb.items[s]} for s in ("forget", "retain", "holdout")}
-    if ents["forget"] & ents["retain"] or ents["forget"] & ents["holdout"] or ents["retain"] & ents["holdout"]:
+    ents = {s: {it.entity for it in kb.items.get(s, [])} for s in FILM_SPLITS}
+    if sum(map(len, ents.values())) != len(set().union(*ents.values())):
         raise ExciseError("knowledge base: a film is in two splits")
     for s in SPLITS:
         for it in kb.items[s]:
@@ -317,8 +341,9 @@ def check(kb: KnowledgeBase) -> None:
     for q, a in REHEARSAL:
         if q in world_q or any(mentions(v, a) for _, _, _, v, _ in WORLD):
             raise ExciseError(f"knowledge base: rehearsal pair {q!r} asks or answers an evaluated world fact")
-    for t in ents["forget"]:
-        for a in SHARED_ATTRIBUTES:
-            v = kb.films[t][a]
-            if not any(kb.films[r][a] == v for r in ents["retain"]):
-                raise ExciseError(f"knowledge base: forget film {t} shares no {a} with a retained film")
+    for forget, retain in (("forget", "retain"), ("val_forget", "val_retain")):
+        for t in ents[forget]:
+            for a in SHARED_ATTRIBUTES:
+                v = kb.films[t][a]
+                if not any(kb.films[r][a] == v for r in ents[retain]):
+                    raise ExciseError(f"knowledge base: {forget} film {t} shares no {a} with a {retain} film")
