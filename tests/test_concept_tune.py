@@ -43,7 +43,7 @@ def test_tuning_reads_only_the_validation_split(tmp_path, monkeypatch):
     monkeypatch.setattr(knowledge, "evaluate_knowledge", spy_eval)
     monkeypatch.setattr(knowledge, "concept_spec", spy_spec)
     out = tmp_path / "tune"
-    assert concept_tune.main(["--recipe", str(tmp_path / "r.yaml"), "--lrs", "1e-3", "--steps", "1", "2",
+    assert concept_tune.main(["--recipe", str(tmp_path / "r.yaml"), "--lrs", "1e-3", "--epochs", "0.4", "0.8",
                               "--threads", "1", "--out", str(out)]) == 0
     assert seen and {s for _, s in seen} == {"validation"}  # every score and the spec came from the validation films
     res = json.loads(out.with_suffix(".json").read_text())
