@@ -118,3 +118,10 @@ def save(name: str, obj: dict) -> Path:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     return atomic_write_json(RESULTS / f"{name}.json", obj)
+
+
+def quick_arith_pretrain() -> Any:
+    """The tiny arithmetic base every UNDO benchmark's ``--quick`` run pretrains (one config, so one cache entry)."""
+    from excise.organisms.arithmetic import PretrainConfig
+
+    return PretrainConfig(steps=150, target_accuracy=None, log_every=0, eval_n_per_op=20)

@@ -39,7 +39,6 @@ def settings(args) -> dict:
     """The sweep's settings (the recipe's defaults; --quick shrinks everything)."""
     from excise.attack.relearn_arithmetic import RelearnConfig, log_lrs
     from excise.intervene.undo import DistillConfig
-    from excise.organisms.arithmetic import PretrainConfig
     from excise.recipes.robust_config import RobustUnlearnConfig, TargetedConfig
 
     cfg = RobustUnlearnConfig()
@@ -48,7 +47,7 @@ def settings(args) -> dict:
     distill = DistillConfig(eval_n_per_op=50)
     eval_n = cfg.eval_n_per_op
     if args.quick:
-        pre = PretrainConfig(steps=150, target_accuracy=None, log_every=0, eval_n_per_op=20)
+        pre = _common.quick_arith_pretrain()
         cfg = cfg.model_copy(update={"methods": {k: v.model_copy(update={"steps": 5}) for k, v in cfg.methods.items()},
                                      "localize_n": 16})
         relearn = RelearnConfig(lrs=[3e-3], steps=10, eval_every=5, eval_n_per_op=10, n_items=32)

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     from excise.intervene.unlearn_methods import unlearn
     from excise.io import atomic_write_json, atomic_write_text
-    from excise.organisms.arithmetic import PretrainConfig, pretrain
+    from excise.organisms.arithmetic import pretrain
     from excise.recipes.robust_config import RobustUnlearnConfig
     from excise.recipes.robust_unlearn import Data, _load, evaluate
     from excise.run import seed_everything
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     cfg = RobustUnlearnConfig()
     pre, grid, eval_n = cfg.pretrain, GRID, args.eval_n
     if args.quick:
-        pre = PretrainConfig(steps=150, target_accuracy=None, log_every=0, eval_n_per_op=20)
+        pre = _common.quick_arith_pretrain()
         grid = {m: ([g[0][1]], [5]) for m, g in GRID.items()}
         eval_n = 10
     base = _load(pretrain(pre, name="base"))
