@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,23 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     row = json.loads((out / "tofu" / "tofu_oracle.json").read_text())["overall"]  # the run used the saved scores
     assert all(row[m]["value"] == saved[m].value for m in ("forget_answer_prob", "model_utility", "mia_min_k_auc"))
     # the run's model is the organism, not the configured default
+    # benchmarks/concept_seeds.py aggregates finished comparison runs (here the same run twice: zero paired differences)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import concept_seeds
+
+    agg = tmp_path / "seeds"
+    assert concept_seeds.main([str(out), str(out), "--pair", "plain_lora", "--out", str(agg)]) == 0
+    summ = json.loads(agg.with_suffix(".json").read_text())
+    assert list(summ["variants"]) == ["organism", "masked_saliency", "plain_lora", "oracle"]
+    assert summ["variants"]["masked_saliency"]["n_seeds"] == 2 and summ["variants"]["oracle"]["fq_reaches_0.05"] == 2
+    assert summ["variants"]["masked_saliency"]["direct leak"]["value"] == res["compare"]["masked_saliency"]["leak_direct"]
+    assert summ["paired"]["plain_lora"]["model utility"]["value"] == 0.0
+    from excise.errors import ExciseError
+
+    with pytest.raises(ExciseError, match="no finished comparison"):
+        concept_seeds.main([str(tmp_path)])
 
 
 def test_packaged_knowledge_recipe_validates():
