@@ -134,3 +134,14 @@ def quick_arith_pretrain() -> Any:
     from excise.organisms.arithmetic import PretrainConfig
 
     return PretrainConfig(steps=150, target_accuracy=None, log_every=0, eval_n_per_op=20)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark's entry point: bad input (an ExciseError) is one line on stderr and exit code 2."""
+    from excise.errors import ExciseError
+
+    try:
+        raise SystemExit(main())
+    except ExciseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -343,10 +343,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from excise.errors import ExciseError
-
-    try:
-        raise SystemExit(main())
-    except ExciseError as e:  # bad input: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    _common.run_main(main)
