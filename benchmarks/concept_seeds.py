@@ -1,7 +1,7 @@
 """The knowledge organism's method comparison over seeds (issue 14): mean and t-interval per variant.
 
-Reads finished ``compare: true`` runs of ``recipes/concept_knowledge.yaml`` (one directory per
-seed, e.g. ``excise run recipes/concept_knowledge.yaml --set seed=1 --set unlearn.seed=1 --set
+Reads finished ``compare: true`` runs of ``recipes/concept_knowledge.yaml`` (a run without the
+comparison contributes its default variant from its ``tofu`` stage; one directory per seed, e.g. ``excise run recipes/concept_knowledge.yaml --set seed=1 --set unlearn.seed=1 --set
 compare=true --out runs/concept_knowledge_s1``) and reports, per variant (the organism, the
 oracle, masked LoRA on saliency / random units, LoRA on all units, full fine-tuning, at equal
 steps): TOFU forget quality (and how many seeds reach p >= 0.05), model utility, forget answer
@@ -34,17 +34,23 @@ def read_run(d: Path) -> dict[str, dict[str, float]]:
     from excise.io import read_json
 
     cmp = d / "compare"
+    if not (cmp / "tofu.json").exists():  # a default run without the comparison: its own TOFU stage
+        cmp = d / "tofu"
     if not (cmp / "tofu.json").exists():
         from excise.errors import ExciseError
 
-        raise ExciseError(f"{d} has no finished comparison (compare/tofu.json); run it with --set compare=true")
+        raise ExciseError(f"{d} has no finished TOFU stage or comparison (tofu/tofu.json, compare/tofu.json)")
     out = {}
     for v in read_json(cmp / "tofu.json"):
         g = read_json(cmp / f"tofu_{v}.json")
         row = {name: (g["overall"] if scope == "overall" else g["by_group"].get(scope, {})).get(key, {}).get("value")
                for name, scope, key in METRICS}
         info = cmp / v / "info.json"
-        if info.exists():
+        if v == "organism" and (d / "before" / "items.jsonl").exists():  # before unlearning, same held-out probes
+            row["direct leak"] = _leak(d / "before" / "items.jsonl")
+        elif cmp.name == "tofu" and v != "oracle":  # the default variant: its unlearn stage
+            row["direct leak"] = _leak(d / "unlearn" / "items.jsonl")
+        elif info.exists():
             i = read_json(info)
             s2r = i["relearn"]["steps_to_return"]
             row["relearn steps to return"] = float(s2r) if s2r is not None else float(i["relearn"]["max_steps"] + 1)

@@ -66,7 +66,7 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     assert summ["paired"]["plain_lora"]["model utility"]["value"] == 0.0
     from excise.errors import ExciseError
 
-    with pytest.raises(ExciseError, match="no finished comparison"):
+    with pytest.raises(ExciseError, match="no finished TOFU stage"):
         concept_seeds.main([str(tmp_path)])
 
 
