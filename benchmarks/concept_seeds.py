@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         body.append([v, len(per), f"{reach}/{len(per)}", *[fmt(est[m]) for m in names]])
     md = (f"Knowledge organism, {len(runs)} seeds ({', '.join(map(str, args.runs))}); mean and 95% t-interval over "
           "seeds. Forget quality is a KS p-value per seed (its mean is shown; the column before counts the seeds at "
-          f"p >= {FQ_BAR}).\n\n" + _common.table(body, ["variant", "seeds", "FQ >= 0.05", *names]))
+          f"p >= {FQ_BAR}). Relearn steps to return: the attack's max steps + 1 where the leak never came back.\n\n" + _common.table(body, ["variant", "seeds", "FQ >= 0.05", *names]))
     pairs = {}
     for other in args.pair:
         both = [(r["masked_saliency"], r[other]) for r in runs if "masked_saliency" in r and other in r]
