@@ -19,16 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model is local; nev
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _bf16_native() -> bool:
-    from excise.train import fast_bf16
-
-    return fast_bf16()
-
-
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, including the load average (a shared machine)."""
     import torch
     import transformers
+
+    from excise.train import fast_bf16
 
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -38,7 +34,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         # the widest vector ISA: float sums (so trained weights) differ between an AVX2 and an AVX-512 CPU
         "isa": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": _bf16_native(),
+        "bf16_native": fast_bf16(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],

@@ -47,6 +47,9 @@ from excise.train import Examples, TrainConfig, fast_bf16, train
 FORMAT = "excise.knowledge/1"
 
 
+ORACLE_SCORES = {"test": "oracle_scores.json", "validation": "oracle_scores_validation.json"}  # file per split
+
+
 class KnowledgeConfig(BaseModel):
     """How the knowledge organism and its oracle are built (defaults: about 10 minutes on 2 CPU cores)."""
 
@@ -120,8 +123,12 @@ class KnowledgeOrganism:
     def load(self, which: Literal["organism", "oracle"] = "organism", **kw: Any) -> Any:
         return load(str(self.organism_dir if which == "organism" else self.oracle_dir), **kw)
 
+    def oracle_scores_path(self, split: Literal["test", "validation"] = "test") -> Path:
+        """Where the oracle's per-item scores on ``split`` are saved (written when the oracle is built)."""
+        return self.oracle_dir / ORACLE_SCORES[split]
+
     def oracle_scores(self, split: Literal["test", "validation"] = "test") -> dict[str, dict[str, Any]]:
-        raw = read_json(self.oracle_dir / ("oracle_scores.json" if split == "test" else "oracle_scores_validation.json"))
+        raw = read_json(self.oracle_scores_path(split))
         return {f: {k: (np.asarray(v) if k != "generation" else v) for k, v in s.items()} for f, s in raw.items()}
 
 
@@ -223,8 +230,7 @@ def evaluate_knowledge(handle: Any, org: KnowledgeOrganism, *, oracle: dict | No
     scores = {f: score_items(handle, org.kb, its, model=model, batch_size=batch_size, max_new_tokens=org.config.max_new_tokens,
                              min_k=f in ("forget", "holdout"), generate=f != "holdout") for f, its in fams.items()}
     _split_retain(scores, fams["retain"])
-    saved = org.oracle_dir / ("oracle_scores.json" if split == "test" else "oracle_scores_validation.json")
-    ref = oracle if oracle is not None else (org.oracle_scores(split) if saved.exists() else None)
+    ref = oracle if oracle is not None else (org.oracle_scores(split) if org.oracle_scores_path(split).exists() else None)
     return tofu_result(scores, ref), scores
 
 
@@ -244,7 +250,7 @@ def saved_oracle_result(org: KnowledgeOrganism, *, retain_n: int | None = 100, r
                         ) -> Any | None:
     """The oracle's TOFU result read from the per-item scores saved when it was built (no model run), for
     the same families :func:`evaluate_knowledge` scores; None when those scores lack a retain item asked for."""
-    if not (org.oracle_dir / "oracle_scores.json").exists():
+    if not org.oracle_scores_path().exists():
         return None
     saved = org.oracle_scores()
     fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
@@ -286,9 +292,9 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
         model.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
         if oracle:
-            atomic_write_json(tmp / "oracle_scores.json", _jsonable(scores))
+            atomic_write_json(tmp / ORACLE_SCORES["test"], _jsonable(scores))
             if val_scores is not None:
-                atomic_write_json(tmp / "oracle_scores_validation.json", _jsonable(val_scores))
+                atomic_write_json(tmp / ORACLE_SCORES["validation"], _jsonable(val_scores))
         atomic_write_json(tmp / "knowledge.json", {
             "format": FORMAT, "role": "oracle" if oracle else "organism", "config": cfg.resolved().model_dump(mode="json"),
             "n_train_items": len(items), "train": log, "world_kept": world_ids,
