@@ -41,6 +41,7 @@ def test_recipe_never_trains_on_evaluation_items(tmp_path, monkeypatch):
     import excise.intervene.masked_lora as masked_lora
     import excise.locate.saliency as saliency
     import excise.measure.unlearning as unlearning
+    import excise.recipes.concept_compare as compare
     import excise.recipes.concept_unlearn as recipe
     from excise.testing import save_tiny
 
@@ -59,8 +60,8 @@ def test_recipe_never_trains_on_evaluation_items(tmp_path, monkeypatch):
 
     spy(saliency, "encode_items", "localize")
     spy(masked_lora, "encode_items", "unlearn")
-    spy(recipe, "encode_items", "relearn_train")
-    spy(recipe, "generate", "relearn_check")
+    spy(compare, "encode_items", "relearn_train")
+    spy(compare, "generate", "relearn_check")
     spy(unlearning, "generate", "eval")
     # a base model that knows the concept and every retain fact but the two marked "skip"
     monkeypatch.setattr(probes, "generate", lambda h, items, **k: [

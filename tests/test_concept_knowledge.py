@@ -18,11 +18,12 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
     knowledge = {"base": str(tmp_path / "model"), "kb": {"n_forget": 2, "n_retain": 4, "n_holdout": 2, "n_validation": 1},
                  "epochs": 1, "batch_size": 5, "lr": 1e-3, "warmup_steps": 0, "mixed_precision": "no", "max_new_tokens": 4}
-    res = recipe.run_recipe({
-        "concept": "knowledge", "knowledge": knowledge, "threads": 1, "seed": 1, "screen": False, "max_new_tokens": 3,
-        "select": {"method": "topk", "k": 16, "per_layer": False}, "unlearn": {"steps": 2},
-        "compare": True, "comparison": {"variants": ["masked_saliency", "plain_lora"],
-                                        "relearn": {"steps": 1, "eval_every": 1, "lrs": [1e-4]}}}, tmp_path / "run")
+    settings = {"concept": "knowledge", "knowledge": knowledge, "threads": 1, "seed": 1, "screen": False,
+                "max_new_tokens": 3, "select": {"method": "topk", "k": 16, "per_layer": False}, "unlearn": {"steps": 2},
+                "compare": True}
+    relearn = {"steps": 1, "eval_every": 1, "lrs": [1e-4]}
+    res = recipe.run_recipe({**settings, "comparison": {"variants": ["masked_saliency", "plain_lora"], "relearn": relearn}},
+                            tmp_path / "run")
     out = tmp_path / "run"
     head = json.loads((out / "tofu" / "tofu.json").read_text())
     assert list(head) == ["organism", "masked_saliency", "oracle"]
@@ -36,6 +37,27 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     cmp_head = json.loads((out / "compare" / "tofu.json").read_text())
     assert list(cmp_head) == ["organism", "masked_saliency", "plain_lora", "oracle"]
     assert res["compare"]["plain_lora"]["tofu"]["forget_quality"] == cmp_head["plain_lora"]["forget_quality"]
+    # a longer variant list keeps what the finished comparison measured and trains only the new variant,
+    # here with another objective (idk) at the same steps
+    import excise.recipes.concept_compare as compare
+
+    trained, real = [], compare.train_variant
+    monkeypatch.setattr(compare, "train_variant", lambda *a, **k: trained.append(a[4]) or real(*a, **k))
+    old_info = (out / "compare" / "plain_lora" / "info.json").read_text()
+    res2 = recipe.run_recipe({**settings, "comparison": {
+        "variants": ["masked_saliency", "plain_lora", "plain_lora@idk"], "relearn": relearn}}, tmp_path / "run")
+    assert trained == ["plain_lora@idk"]
+    assert (out / "compare" / "plain_lora" / "info.json").read_text() == old_info
+    assert list(json.loads((out / "compare" / "tofu.json").read_text())) == [
+        "organism", "masked_saliency", "plain_lora", "plain_lora@idk", "oracle"]
+    assert json.loads((out / "compare" / "plain_lora@idk" / "info.json").read_text())["objective"] == "idk"
+    assert res2["compare"]["plain_lora"] == res["compare"]["plain_lora"]
+    assert "| objective | - | npo | npo | idk |" in (out / "compare" / "comparison.md").read_text()
+    from excise.errors import ExciseError
+
+    with pytest.raises(ExciseError, match="other settings"):  # other relearning settings: not the same measures
+        recipe.run_recipe({**settings, "comparison": {"variants": ["masked_saliency"],
+                                                      "relearn": {**relearn, "steps": 2}}}, tmp_path / "run")
     # the oracle's row comes from the scores saved with it: the same result as measuring the oracle again
     from excise.organisms.knowledge import KnowledgeConfig, build_knowledge, kl_films, saved_oracle_result
     from excise.recipes.concept_knowledge import tofu
@@ -60,12 +82,10 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     agg = tmp_path / "seeds"
     assert concept_seeds.main([str(out), str(out), "--pair", "plain_lora", "--out", str(agg)]) == 0
     summ = json.loads(agg.with_suffix(".json").read_text())
-    assert list(summ["variants"]) == ["organism", "masked_saliency", "plain_lora", "oracle"]
+    assert list(summ["variants"]) == ["organism", "masked_saliency", "plain_lora", "plain_lora@idk", "oracle"]
     assert summ["variants"]["masked_saliency"]["n_seeds"] == 2 and summ["variants"]["oracle"]["fq_reaches_0.05"] == 2
     assert summ["variants"]["masked_saliency"]["direct leak"]["value"] == res["compare"]["masked_saliency"]["leak_direct"]
     assert summ["paired"]["plain_lora"]["model utility"]["value"] == 0.0
-    from excise.errors import ExciseError
-
     with pytest.raises(ExciseError, match="no finished TOFU stage"):
         concept_seeds.main([str(tmp_path)])
 

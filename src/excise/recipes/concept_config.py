@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from excise.config import Device
 from excise.attack.relearn import RelearnConfig
@@ -19,14 +19,18 @@ from excise.locate.saliency import SaliencyConfig
 from excise.select import SelectConfig
 
 VARIANTS = ("masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft")
+OBJECTIVES = ("grad_ascent", "idk", "npo")
 
 
 class CompareConfig(BaseModel):
     """The comparison: which variants, at equal steps, and the relearning check."""
 
     model_config = {"extra": "forbid"}
-    variants: list[Literal["masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft"]] = Field(
-        default_factory=lambda: list(VARIANTS), description="methods compared at the same steps and objective")
+    variants: list[str] = Field(
+        default_factory=lambda: list(VARIANTS),
+        description="methods compared at the same steps: masked_saliency, masked_fisher, masked_random, plain_lora, "
+                    "full_ft; 'method@objective' (e.g. plain_lora@idk) runs it with objective grad_ascent, idk or npo "
+                    "instead of unlearn.objective")
     full_lr: float = Field(2e-5, gt=0, description="learning rate of full fine-tuning (LoRA variants use unlearn.lr)")
     relearn: RelearnConfig = Field(default_factory=lambda: RelearnConfig(lrs=[1e-4]),
                                    description="relearning check run on every variant (trained on the training forget "
@@ -34,6 +38,20 @@ class CompareConfig(BaseModel):
     relearn_check: Literal["direct", "paraphrase"] = Field(
         "direct", description="probe family whose leak rate tells that the concept came back: the held-out direct "
                               "probes or the paraphrases (neither is trained on)")
+
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, v: list[str]) -> list[str]:
+        for name in v:
+            method, at, objective = name.partition("@")
+            if method not in VARIANTS:
+                raise ValueError(f"unknown variant '{name}': the method must be one of {', '.join(VARIANTS)}")
+            if at and objective not in OBJECTIVES:
+                raise ValueError(f"unknown variant '{name}': the objective after '@' must be one of {', '.join(OBJECTIVES)}")
+        if len(set(v)) < len(v):
+            raise ValueError(f"variants repeat: {', '.join(sorted({x for x in v if v.count(x) > 1}))}")
+        return v
 
 
 class ConceptUnlearnConfig(BaseModel):
@@ -61,6 +79,16 @@ class ConceptUnlearnConfig(BaseModel):
     unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings, description="objective, steps, learning rate")
     compare: bool = Field(False, description="also run the comparison (masked vs plain LoRA vs full fine-tuning, mask sources, relearning)")
     comparison: CompareConfig = Field(default_factory=CompareConfig, description="settings of the comparison")
+
+    @model_validator(mode="after")
+    def _main_objective_unnamed(self) -> "ConceptUnlearnConfig":
+        """``plain_lora@npo`` when npo is unlearn.objective is ``plain_lora``: one name per variant."""
+        own = f"@{self.unlearn.objective}"
+        names = [v[: -len(own)] if v.endswith(own) else v for v in self.comparison.variants]
+        if len(set(names)) < len(names):
+            raise ValueError(f"comparison.variants name a variant twice ('{own[1:]}' is unlearn.objective)")
+        self.comparison.variants = names
+        return self
 
 
 def quick_variant(cfg: ConceptUnlearnConfig) -> ConceptUnlearnConfig:

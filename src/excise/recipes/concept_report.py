@@ -18,8 +18,8 @@ from excise.run import write_metrics
 
 def est_cell(m: dict | None, pct: bool = True) -> str:
     """One estimate as ``value [lo, hi] (n=..)``, in percent when ``pct``."""
-    if not m or m.get("value") is None:
-        return "undefined (n=0)"
+    if not m or m.get("value") is None or m["value"] != m["value"]:  # None or NaN: no item to measure
+        return f"undefined (n={(m or {}).get('n') or 0})"
     f = (lambda x: f"{100 * x:.0f}") if pct else (lambda x: f"{x:.3g}")
     lo, hi = m.get("lo"), m.get("hi")
     ci = f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else ""
@@ -44,11 +44,17 @@ def markdown_table(columns: dict[str, dict], extra: dict[str, dict[str, str]] | 
     rows = ROWS[:3] + family_rows(first) + ROWS[3:]
     names = list(columns)
     out = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    absent = []
     for key, label, pct in rows:
-        out.append(f"| {label} | " + " | ".join(est_cell(columns[n].get(key), pct) for n in names) + " |")
+        cells = [est_cell(columns[n].get(key), pct) for n in names]
+        if all(c.startswith("undefined") for c in cells):  # no state has items for it (e.g. no adversarial probes)
+            absent.append(label)
+            continue
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, cells in (extra or {}).items():
         out.append(f"| {label} | " + " | ".join(cells.get(n, "") for n in names) + " |")
-    return "\n".join(out) + "\n"
+    note = f"\nNot measured (no items in this spec): {'; '.join(absent)}.\n" if absent else ""
+    return "\n".join(out) + "\n" + note
 
 
 def check_targets(before: dict, after: dict) -> dict:

@@ -34,25 +34,24 @@ from typing import Any
 
 import torch
 
-from excise.attack.relearn import relearn
 from excise.config import setting_error, validate
 from excise.errors import ExciseError
-from excise.intervene.masked_lora import all_units, load_masked_lora, unlearn_concept
-from excise.intervene.trainable import make_trainable
-from excise.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
-from excise.locate.saliency import random_mask_like, score_units
-from excise.measure.frame import GroupedResult
-from excise.measure.unlearning import evaluate, generate
+from excise.intervene.masked_lora import load_masked_lora
+from excise.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_json
+from excise.locate.saliency import score_units
+from excise.measure.unlearning import evaluate
 from excise.models import load
+from excise.recipes.concept_compare import adopt_finished, run_comparison, train_variant
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
 from excise.recipes.concept_knowledge import KNOWLEDGE, knowledge_source, oracle_reference, tofu, write_tofu
-from excise.recipes.concept_report import write_before_after, write_comparison
-from excise.recipes.concept_splits import prepare, relearn_sets
+from excise.recipes.concept_report import write_before_after
+from excise.recipes.concept_splits import prepare
 from excise.report.html import end_of_run
 from excise.report.plots import heatmap
+from excise.resume import Points
 from excise.run import Run, seed_everything
 from excise.select import Mask, select
-from excise.tasks.concepts import ConceptItem, ConceptSpec, encode_items, load_concept
+from excise.tasks.concepts import ConceptItem, ConceptSpec, load_concept
 
 __all__ = ["ConceptUnlearnConfig", "run_concept", "run_recipe"]
 
@@ -134,8 +133,8 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
         info = {}
         methods = [cfg.localize.method]
         if cfg.compare:
-            methods = list(dict.fromkeys(methods + [m.split("_", 1)[1] for m in cfg.comparison.variants
-                                                    if m in ("masked_saliency", "masked_fisher")]))
+            methods = list(dict.fromkeys(methods + [m.split("@")[0].split("_", 1)[1] for m in cfg.comparison.variants
+                                                    if m.split("@")[0] in ("masked_saliency", "masked_fisher")]))
         for method in methods:
             t0 = time.time()
             sc = score_units(handle, spec.forget, spec.retain_train, cfg.localize.model_copy(update={"method": method}))
@@ -176,51 +175,14 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     base_model = handle.model
 
-    def train_variant(variant: str, d: Path | None) -> tuple[Any, dict]:
-        """Fresh copy of the base model, intervention, equal steps; returns (model, info)."""
-        seed_everything(cfg.seed)
-        model = copy.deepcopy(base_model)
-        base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-        ucfg = cfg.unlearn
-        if variant.startswith("masked_"):
-            src = variant.split("_", 1)[1]
-            mask = random_mask_like(mask_for(cfg.localize.method), seed=cfg.seed) if src == "random" else mask_for(src)
-            tr = make_trainable(model, "masked_lora", cfg.lora, mask=mask, seed=cfg.seed)
-        elif variant == "plain_lora":
-            tr = make_trainable(model, "masked_lora", cfg.lora, mask=all_units(model, cfg.units), seed=cfg.seed)
-        else:
-            ucfg = ucfg.model_copy(update={"lr": cfg.comparison.full_lr})
-            tr = make_trainable(model, "full")
-        ml = tr.masked
-        n_trainable = tr.n_trainable
-        n_effective = ml.n_effective if ml else n_trainable
-        t0 = time.time()
-        vh = handle.with_model(model)
-        log = unlearn_concept(vh, tr.model, spec, ucfg,
-                              checkpoint_dir=run.checkpoint_dir(f"unlearn-{variant}") if ucfg.checkpoint_every else None)
-        train_s = time.time() - t0
-        info: dict[str, Any] = {"variant": variant, "train_seconds": round(train_s, 1), "n_trainable": n_trainable,
-                                "n_effective": n_effective, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
-                                "steps": len(log)}
-        if ml is not None:
-            info["delta_outside_mask"] = ml.delta_outside_mask()
-            info["units_selected"] = ml.mask.n_selected
-            base_now = ml.model.get_base_model().state_dict()
-            changed = [k for k, v in base_now.items() if "lora_" not in k
-                       and not torch.equal(v, base_sd[k.replace(".base_layer", "")])]
-            info["base_params_changed"] = len(changed)
-            if d is not None:
-                ml.save(d / "adapter")
-        if d is not None:
-            atomic_write_jsonl(d / "train_log.jsonl", log)
-        return (ml.model if ml else model), info
-
     # --- unlearn + after ------------------------------------------------------------------
     variant0 = f"masked_{cfg.localize.method}"
     state: dict[str, Any] = {}
 
     def st_unlearn(d: Path) -> dict:
-        model, info = train_variant(variant0, d)
+        model, info = train_variant(handle, base_model, spec, cfg, variant0, mask_for, adapter_dir=d / "adapter",
+                                    log_path=d / "train_log.jsonl",
+                                    checkpoint_dir=run.checkpoint_dir(f"unlearn-{variant0}"))
         state["model"] = model
         vh = handle.with_model(model)
         t0 = time.time()
@@ -259,94 +221,29 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     # --- comparison -----------------------------------------------------------------------
     if cfg.compare:
-        def st_compare(d: Path) -> dict:
-            cols: dict[str, dict] = {"base": before}
-            extra: dict[str, dict[str, str]] = {"trainable parameters": {"base": "-"}, "train time (s)": {"base": "-"},
-                                                "relearn steps to return": {}, "relearn lr (worst case)": {"base": "-"},
-                                                "max abs dW outside mask": {"base": "-"}}
-            curves: dict[str, list] = {}
-            summary: dict[str, dict] = {}
-            tofu_cols: dict[str, GroupedResult] = {}
-            # the attacker trains on the training forget items; held-out probes tell when the concept is back
-            rl_train, check_items = relearn_sets(spec, cfg.comparison.relearn_check)
-            rl_batches = [encode_items(handle, rl_train[s:s + cfg.unlearn.batch_size])
-                          for s in range(0, len(rl_train), cfg.unlearn.batch_size)]
-
-            def make_check(vh):
-                def check(m):
-                    gens = generate(vh, check_items, max_new_tokens=min(mnt, 16), model=m)
-                    return sum(spec.leaks(it, g) for it, g in zip(check_items, gens)) / max(len(check_items), 1)
-                return check
-
-            # the base model's relearning baseline is its own leak rate
-            for variant in cfg.comparison.variants:
-                vd = d / variant
-                vd.mkdir(parents=True, exist_ok=True)
-                if variant == variant0:  # the default run already trained it: reload its adapter, reuse its measures
-                    model = unlearned_model()
-                    info = dict(info0)
-                    vh = handle.with_model(model)
-                    ev = {"metrics": after, "items": [row for _, row in iter_jsonl(un.dir / "items.jsonl")]}
-                else:
-                    say(f"    {variant}: training")
-                    model, info = train_variant(variant, None)
-                    vh = handle.with_model(model)
-                    t0 = time.time()
-                    ev = evaluate(vh, spec, max_new_tokens=mnt, seed=cfg.seed, retain_unscreened=unscreened)
-                    info["eval_seconds"] = round(time.time() - t0, 1)
-                atomic_write_jsonl(vd / "items.jsonl", ev["items"])
-                cols[variant] = ev["metrics"]
-                if org is not None:  # before the attack, which trains the model in place
-                    tofu_cols[variant] = tofu(handle, org, model=model)
-                # relearning: the attacker fine-tunes all weights of the (merged) model on the forget facts
-                plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-                t0 = time.time()
-                rl = relearn(plain, rl_batches, make_check(vh), cfg.comparison.relearn)
-                info["relearn_seconds"] = round(time.time() - t0, 1)
-                info["relearn"] = rl
-                curves[variant] = [(c["step"], c["value"]) for c in rl["curve"]]
-                extra["trainable parameters"][variant] = f"{info['n_trainable']:,}"
-                extra["train time (s)"][variant] = str(info["train_seconds"])
-                extra["max abs dW outside mask"][variant] = str(info.get("delta_outside_mask", "-"))
-                s2r = rl["steps_to_return"]
-                extra["relearn steps to return"][variant] = str(s2r) if s2r is not None else f"> {rl['max_steps']}"
-                extra["relearn lr (worst case)"][variant] = f"{rl['lr']:g}"
-                atomic_write_json(vd / "info.json", info)
-                summary[variant] = {"metrics": ev["metrics"], "info": info}
-                del model, plain, vh
-                say(f"    {variant}: done (train {info['train_seconds']} s, eval {info.get('eval_seconds')} s, "
-                    f"relearn {info['relearn_seconds']} s)")
-            extra["relearn steps to return"]["base"] = "0 (knows it)"
-            if org is not None:
-                tofu_dir = run.stage_dir("tofu")
-                ref = {n: GroupedResult.from_dict(read_json(tofu_dir / f"tofu_{n}.json")) for n in ("organism", "oracle")}
-                head = write_tofu(d, {"organism": ref["organism"], **tofu_cols, "oracle": ref["oracle"]},
-                                  f"TOFU metrics at equal steps ({cfg.unlearn.objective}, {cfg.unlearn.steps} steps)")
-                for v in summary:
-                    summary[v]["tofu"] = head[v]
-            write_comparison(d, cfg, spec.name, mask_for(cfg.localize.method).n_selected, cols, extra, curves,
-                             n_train=len(rl_train), n_check=len(check_items))
-            return {v: {"leak_direct": s["metrics"]["leak.direct"]["value"],
-                        "leak_paraphrase": (s["metrics"].get("leak.paraphrase") or {}).get("value"),
-                        "retain_accuracy": s["metrics"]["retain_accuracy"]["value"],
-                        "retain_accuracy_unscreened": s["metrics"]["retain_accuracy_unscreened"]["value"],
-                        "steps_to_return": s["info"]["relearn"]["steps_to_return"],
-                        "train_seconds": s["info"]["train_seconds"], **({"tofu": s["tofu"]} if "tofu" in s else {})}
-                    for v, s in summary.items()}
-
         cmp_dir = run.stage_dir("compare")
+        points = Points(run.checkpoint_dir("compare"))
         if run.is_done("compare"):
             prev = read_json(cmp_dir / "comparison_settings.json")
-            if prev != json.loads(cfg.comparison.model_dump_json()):
-                if not force:
+            now = json.loads(cfg.comparison.model_dump_json())
+            if prev != now:
+                same_but_variants = {k: v for k, v in prev.items() if k != "variants"} == \
+                    {k: v for k, v in now.items() if k != "variants"}
+                if not (same_but_variants or force):
                     raise ExciseError(f"{cmp_dir} holds a comparison with other settings; pass --force or choose another --out")
+                if same_but_variants:  # a longer (or shorter) variant list: keep what was measured
+                    kept = adopt_finished(cmp_dir, cfg.comparison.variants, points)
+                    say(f"  compare: keeping {len(kept)} finished variant(s) ({', '.join(kept) or 'none'})")
                 shutil.rmtree(cmp_dir)
 
-        def st_compare_(d: Path) -> dict:
+        def st_compare(d: Path) -> dict:
             atomic_write_json(d / "comparison_settings.json", json.loads(cfg.comparison.model_dump_json()))
-            return st_compare(d)
+            return run_comparison(d, cfg=cfg, handle=handle, base_model=base_model, spec=spec, org=org,
+                                  unscreened=unscreened, before=before, variant0=variant0, after=after, info0=info0,
+                                  unlearn_dir=un.dir, unlearned_model=unlearned_model, mask_for=mask_for, points=points,
+                                  tofu_dir=run.stage_dir("tofu") if org is not None else None, say=say)
 
-        cmp_ = timed("compare", st_compare_)
+        cmp_ = timed("compare", st_compare)
         result["compare"] = cmp_.metrics
     timings["total"] = round(time.time() - t_start, 1)
     atomic_write_json(run.dir / "timings.json", timings)

@@ -259,7 +259,7 @@ def _concept(cfg: Any) -> list[StagePlan]:
     if cfg.compare:
         variants = cfg.comparison.variants
         out.append(StagePlan("compare", "train", u.batch_size, CONCEPT_SEQ, tokens * len(variants),
-                             "full" if "full_ft" in variants else "lora", cfg.lora.target_modules, cfg.lora.r,
+                             "full" if any(v.startswith("full_ft") for v in variants) else "lora", cfg.lora.target_modules, cfg.lora.r,
                              note=f"{len(variants)} variants at equal steps"))
         rl = cfg.comparison.relearn
         out.append(StagePlan("relearn", "train", u.batch_size, CONCEPT_SEQ,
