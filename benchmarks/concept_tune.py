@@ -19,7 +19,6 @@ trained on, so a pick transfers to the recipe's larger forget-train set (50 item
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -49,21 +48,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from excise.config import load_yaml
-    from excise.intervene.masked_lora import unlearn_concept
-    from excise.intervene.trainable import make_trainable
+    from excise.config import validate
     from excise.io import atomic_write_json, atomic_write_text
     from excise.locate.saliency import score_units
     from excise.models import load
     from excise.organisms.knowledge import build_knowledge, concept_spec, evaluate_knowledge
+    from excise.recipes.concept_compare import train_variant
     from excise.recipes.concept_config import ConceptUnlearnConfig
-    from excise.recipes.loader import find_recipe
+    from excise.recipes.loader import load_recipe
     from excise.run import seed_everything
     from excise.select import select
 
     torch.set_num_threads(args.threads)
-    raw = load_yaml(find_recipe(args.recipe))
-    cfg = ConceptUnlearnConfig.model_validate({k: v for k, v in raw.items() if k not in ("workflow", "out", "plan")})
+    path, _, _, raw = load_recipe(args.recipe)
+    cfg = validate(ConceptUnlearnConfig, raw, str(path))
     t0, c0 = time.time(), time.process_time()
     org = build_knowledge(cfg.knowledge)
     spec = concept_spec(org, split="validation")
@@ -82,13 +80,11 @@ def main(argv=None) -> int:
     for lr in args.lrs:
         for epochs in args.epochs:
             steps = max(1, math.ceil(epochs * len(spec.forget) / cfg.unlearn.batch_size))
-            seed_everything(cfg.seed)
-            model = copy.deepcopy(handle.model)
-            tr = make_trainable(model, "masked_lora", cfg.lora, mask=mask, seed=cfg.seed)
             ucfg = cfg.unlearn.model_copy(update={"lr": lr, "steps": steps})
             s0 = time.process_time()
-            unlearn_concept(handle.with_model(model), tr.model, spec, ucfg)
-            row = {"objective": ucfg.objective, "lr": lr, "epochs": epochs, "steps": steps, **score(tr.model),
+            model, _ = train_variant(handle, handle.model, spec, cfg.model_copy(update={"unlearn": ucfg}),
+                                     f"masked_{cfg.localize.method}", lambda _method: mask)
+            row = {"objective": ucfg.objective, "lr": lr, "epochs": epochs, "steps": steps, **score(model),
                    "cpu_seconds": round(time.process_time() - s0, 1)}
             rows.append(row)
             print(row, flush=True)

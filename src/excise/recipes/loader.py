@@ -38,10 +38,9 @@ def find_recipe(recipe: str | Path) -> Path:
     raise ExciseError(f"recipe not found: {recipe} (packaged: {', '.join(sorted(x.name for x in PACKAGED.glob('*.yaml')))})")
 
 
-def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool = False, quick: bool = False,
-                    console: Any = None, overrides: list[str] | tuple[str, ...] = (),
-                    transform: Callable[[str, dict], dict] | None = None) -> dict:
-    """Run a recipe file; ``transform(workflow, settings)`` may rewrite the settings first (``--dry-run``)."""
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, str, str, dict]:
+    """(the recipe's path, its workflow, its default out folder, the workflow's settings) of a recipe file;
+    the settings are not validated yet (each workflow validates its own)."""
     path = find_recipe(recipe)
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -52,6 +51,14 @@ def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool 
         raise ExciseError(f"unknown workflow {workflow!r}; choose one of {', '.join(WORKFLOWS)}", where=f"{path}:workflow")
     default_out = data.pop("out", f"runs/{path.stem}")
     data.pop("plan", None)  # the hardware a recipe expects: read by `excise plan`, not by the workflow
+    return path, workflow, default_out, data
+
+
+def run_recipe_file(recipe: str | Path, *, out: Path | None = None, force: bool = False, quick: bool = False,
+                    console: Any = None, overrides: list[str] | tuple[str, ...] = (),
+                    transform: Callable[[str, dict], dict] | None = None) -> dict:
+    """Run a recipe file; ``transform(workflow, settings)`` may rewrite the settings first (``--dry-run``)."""
+    path, workflow, default_out, data = load_recipe(recipe, overrides)
     if transform is not None:
         data = transform(workflow, data)
     out = Path(out or default_out)
