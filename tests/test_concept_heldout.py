@@ -48,7 +48,8 @@ def test_recipe_never_trains_on_evaluation_items(tmp_path, monkeypatch):
     save_tiny("llama", tmp_path / "model")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     monkeypatch.setenv("EXCISE_CACHE", str(tmp_path / "cache"))
-    seen: dict[str, set[str]] = {k: set() for k in ("localize", "unlearn", "relearn_train", "relearn_check", "eval")}
+    seen: dict[str, set[str]] = {k: set() for k in ("localize", "unlearn", "relearn_train", "relearn_check", "eval",
+                                                    "ablation")}
 
     def spy(module, name, key):
         real = getattr(module, name)
@@ -60,6 +61,7 @@ def test_recipe_never_trains_on_evaluation_items(tmp_path, monkeypatch):
 
     spy(saliency, "encode_items", "localize")
     spy(masked_lora, "encode_items", "unlearn")
+    spy(compare.mask_ablation, "token_logprobs", "ablation")
     spy(compare, "encode_items", "relearn_train")
     spy(compare, "generate", "relearn_check")
     spy(unlearning, "generate", "eval")
@@ -96,6 +98,8 @@ def test_recipe_never_trains_on_evaluation_items(tmp_path, monkeypatch):
     assert not seen["eval"] & (train_forget | retain_train)
     # relearning trains on the training forget items and is checked on the held-out direct probes
     assert seen["relearn_train"] == train_forget and seen["relearn_check"] == direct
+    # the localization check ablates the mask on held-out items only
+    assert seen["ablation"] == direct | retain_eval
     info = read_json(out / "compare" / "masked_saliency" / "info.json")
     assert [r["lr"] for r in info["relearn"]["by_lr"]] == [3e-5, 1e-4]  # the lr grid, worst case reported
 

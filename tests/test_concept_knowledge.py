@@ -37,6 +37,8 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     cmp_head = json.loads((out / "compare" / "tofu.json").read_text())
     assert list(cmp_head) == ["organism", "masked_saliency", "plain_lora", "oracle"]
     assert res["compare"]["plain_lora"]["tofu"]["forget_quality"] == cmp_head["plain_lora"]["forget_quality"]
+    loc = json.loads((out / "compare" / "localization.json").read_text())["masks"]["saliency"]
+    assert loc["n_units"] == 16 and loc["sets"]["forget_heldout"]["selected"]["n"] == 5  # half the 2 films' 10 facts
     # a longer variant list keeps what the finished comparison measured and trains only the new variant,
     # here with another objective (idk) at the same steps
     import excise.recipes.concept_compare as compare

@@ -29,7 +29,8 @@ import torch
 from excise.attack.relearn import relearn
 from excise.intervene.masked_lora import all_units, unlearn_concept
 from excise.intervene.trainable import make_trainable
-from excise.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
+from excise.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, iter_jsonl, read_json
+from excise.locate import mask_ablation
 from excise.locate.saliency import random_mask_like
 from excise.measure.frame import GroupedResult
 from excise.measure.unlearning import evaluate, generate
@@ -153,6 +154,16 @@ def run_comparison(d: Path, *, cfg: Any, handle: Any, base_model: Any, spec: Any
         say(f"    {variant}: done (train {info.get('train_seconds')} s, eval {info.get('eval_seconds')} s, "
             f"TOFU {info['tofu_seconds']} s, relearn {info['relearn_seconds']} s)")
         return {"info": info, "metrics": ev["metrics"], "tofu": res}
+
+    # localization, measured: ablating each localizer's units vs random units of equal count, on held-out items
+    localizers = list(dict.fromkeys([cfg.localize.method] + [v.split("@")[0].split("_", 1)[1] for v in cfg.comparison.variants
+                                                             if v.split("@")[0] in ("masked_saliency", "masked_fisher")]))
+    loc = points.cached(f"localization-{'+'.join(localizers)}", lambda: mask_ablation.score_masks(
+        handle, {m: mask_for(m) for m in localizers}, {"forget_heldout": spec.forget_eval, "retain": unscreened},
+        seed=cfg.seed))
+    atomic_write_json(d / "localization.json", loc)
+    atomic_write_text(d / "localization.md", "# Do the localized units matter? (ablated on held-out items)\n\n"
+                      + mask_ablation.markdown(loc))
 
     cols: dict[str, dict] = {"base": before}
     extra: dict[str, dict[str, str]] = {"objective": {"base": "-"}, "trainable parameters": {"base": "-"},
