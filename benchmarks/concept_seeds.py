@@ -7,8 +7,9 @@ oracle, masked LoRA on saliency / random units, LoRA on all units, full fine-tun
 steps): TOFU forget quality (and how many seeds reach p >= 0.05), model utility, forget answer
 probability, accuracy on retained films sharing an answer with a forgotten one and on the others,
 the held-out direct leak and the relearning attack's steps to return. Then the paired differences
-(same seed) of the masked variant against LoRA on all units and against random units: the
-issue's "localization helps or it does not". Writes ``benchmarks/results/concept_knowledge_seeds.{md,json}``.
+(same seed) of each masked variant against LoRA on all units, random units and full fine-tuning:
+the issue's "localization helps or it does not"; and the localization check (its units ablated on
+held-out items against random units of equal count, ``compare/localization.json``). Writes ``benchmarks/results/concept_knowledge_seeds.{md,json}``.
 
     .venv/bin/python benchmarks/concept_seeds.py runs/concept_knowledge runs/concept_knowledge_s1 runs/concept_knowledge_s2
 """
@@ -59,6 +60,22 @@ def read_run(d: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def localization(runs: list[Path]) -> dict:
+    """``"mask / items"`` -> (mean over seeds of selected minus random, seeds whose own CI is above 0)."""
+    from excise.io import read_json
+    from excise.measure.stats import mean_ci
+
+    per: dict[str, list[dict]] = {}
+    for d in runs:
+        f = d / "compare" / "localization.json"
+        if f.exists():
+            for mask, m in read_json(f)["masks"].items():
+                for items, s in m["sets"].items():
+                    per.setdefault(f"{mask} / {items}", []).append(s["selected_minus_random"])
+    return {k: (mean_ci([e["value"] if e["value"] is not None else math.nan for e in es]),
+                sum((e.get("lo") or -1.0) > 0 for e in es)) for k, es in per.items()}
+
+
 def _leak(items: Path) -> float:
     """Held-out direct leak rate from a variant's per-item rows."""
     from excise.io import iter_jsonl
@@ -70,8 +87,10 @@ def _leak(items: Path) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="one finished comparison run per seed")
+    ap.add_argument("--masked", nargs="+", default=["masked_saliency", "masked_fisher"],
+                    help="the localized variants, each compared with every --pair variant seed by seed")
     ap.add_argument("--pair", nargs="+", default=["plain_lora", "masked_random", "full_ft"],
-                    help="variants masked_saliency is compared with, seed by seed")
+                    help="the variants the localized ones are compared with")
     ap.add_argument("--out", default=str(_common.RESULTS / "concept_knowledge_seeds"))
     args = ap.parse_args(argv)
     from excise.io import atomic_write_json, atomic_write_text
@@ -93,19 +112,29 @@ def main(argv=None) -> int:
     md = (f"Knowledge organism, {len(runs)} seeds ({', '.join(map(str, args.runs))}); mean and 95% t-interval over "
           "seeds. Forget quality is a KS p-value per seed (its mean is shown; the column before counts the seeds at "
           f"p >= {FQ_BAR}). Relearn steps to return: the attack's max steps + 1 where the leak never came back.\n\n" + _common.table(body, ["variant", "seeds", "FQ >= 0.05", *names]))
-    pairs = {}
-    for other in args.pair:
-        both = [(r["masked_saliency"], r[other]) for r in runs if "masked_saliency" in r and other in r]
-        if not both:
-            continue
-        diff = {m: mean_ci([a.get(m, math.nan) - b.get(m, math.nan) for a, b in both]) for m in names}
-        pairs[other] = {m: e.as_dict() for m, e in diff.items()} | {"n_seeds": len(both)}
-        md += (f"\n\nPaired masked_saliency minus {other} ({len(both)} seeds):\n\n"
-               + _common.table([[m, fmt(diff[m])] for m in names], ["metric", "difference"]))
+    pairs: dict = {}
+    for masked in args.masked:
+        for other in args.pair:
+            both = [(r[masked], r[other]) for r in runs if masked in r and other in r]
+            if not both:
+                continue
+            diff = {m: mean_ci([a.get(m, math.nan) - b.get(m, math.nan) for a, b in both]) for m in names}
+            pairs[f"{masked} - {other}"] = {m: e.as_dict() for m, e in diff.items()} | {"n_seeds": len(both)}
+            md += (f"\n\nPaired {masked} minus {other} ({len(both)} seeds):\n\n"
+                   + _common.table([[m, fmt(diff[m])] for m in names], ["metric", "difference"]))
+    loc = localization(args.runs)
+    if loc:
+        md += ("\n\nLocalization check: the localizer's units ablated on held-out items, minus random units of equal "
+               "count (drop of the answer's mean token log-prob; positive: the units matter more); mean and t-interval "
+               "over seeds, and the seeds whose own paired CI is above 0:\n\n"
+               + _common.table([[k, f"{e.n}", fmt(e), f"{above}/{e.n}"] for k, (e, above) in loc.items()],
+                               ["mask / items", "seeds", "selected - random", "seeds with CI > 0"]))
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".md"), md + "\n")
     atomic_write_json(out.with_suffix(".json"), {"runs": [str(d) for d in args.runs], "variants": summary,
-                                                 "paired": pairs, "machine": _common.machine()})
+                                                 "paired": pairs, "machine": _common.machine(),
+                                                 "localization": {k: {**e.as_dict(), "seeds_ci_above_0": above}
+                                                                  for k, (e, above) in loc.items()}})
     print(md)
     return 0
 

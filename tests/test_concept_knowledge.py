@@ -87,7 +87,8 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     assert list(summ["variants"]) == ["organism", "masked_saliency", "plain_lora", "plain_lora@idk", "oracle"]
     assert summ["variants"]["masked_saliency"]["n_seeds"] == 2 and summ["variants"]["oracle"]["fq_reaches_0.05"] == 2
     assert summ["variants"]["masked_saliency"]["direct leak"]["value"] == res["compare"]["masked_saliency"]["leak_direct"]
-    assert summ["paired"]["plain_lora"]["model utility"]["value"] == 0.0
+    assert summ["paired"]["masked_saliency - plain_lora"]["model utility"]["value"] == 0.0
+    assert summ["localization"]["saliency / forget_heldout"]["n"] == 2  # one value per run read
     with pytest.raises(ExciseError, match="no finished TOFU stage"):
         concept_seeds.main([str(tmp_path)])
 
