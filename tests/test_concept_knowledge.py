@@ -60,20 +60,26 @@ def test_knowledge_concept_runs_with_tofu_against_the_oracle(tmp_path, monkeypat
     with pytest.raises(ExciseError, match="other settings"):  # other relearning settings: not the same measures
         recipe.run_recipe({**settings, "comparison": {"variants": ["masked_saliency"],
                                                       "relearn": {**relearn, "steps": 2}}}, tmp_path / "run")
-    # the oracle's row comes from the scores saved with it: the same result as measuring the oracle again
-    from excise.organisms.knowledge import KnowledgeConfig, build_knowledge, kl_films, saved_oracle_result
-    from excise.recipes.concept_knowledge import tofu
+    # the oracle's and the organism's rows come from the scores saved with them: the same result as measuring again
+    from excise.organisms.knowledge import KnowledgeConfig, build_knowledge, kl_films, saved_result
+    from excise.recipes.concept_knowledge import organism_reference, tofu
 
     org = build_knowledge(KnowledgeConfig(**knowledge))
-    saved = saved_oracle_result(org, retain_exclude=kl_films(org))
-    measured = tofu(org.load("oracle"), org)
-    assert saved is not None and saved.metrics == measured.metrics and saved.by_group.keys() == measured.by_group.keys()
-    for a, b in zip(saved.rows(), measured.rows()):  # equal up to batching (other padding, float noise)
-        assert (a["scope"], a["metric"], a["n"]) == (b["scope"], b["metric"], b["n"])
-        assert [a[k] for k in ("value", "lo", "hi")] == pytest.approx([b[k] for k in ("value", "lo", "hi")], rel=1e-5,
-                                                                         abs=1e-7, nan_ok=True)
-    row = json.loads((out / "tofu" / "tofu_oracle.json").read_text())["overall"]  # the run used the saved scores
-    assert all(row[m]["value"] == saved[m].value for m in ("forget_answer_prob", "model_utility", "mia_min_k_auc"))
+    for which in ("oracle", "organism"):
+        saved = saved_result(org, which, retain_exclude=kl_films(org))
+        measured = tofu(org.load(which), org)
+        assert saved is not None and saved.metrics == measured.metrics and saved.by_group.keys() == measured.by_group.keys()
+        for a, b in zip(saved.rows(), measured.rows()):  # equal up to batching (other padding, float noise)
+            assert (a["scope"], a["metric"], a["n"]) == (b["scope"], b["metric"], b["n"])
+            assert [a[k] for k in ("value", "lo", "hi")] == pytest.approx([b[k] for k in ("value", "lo", "hi")],
+                                                                             rel=1e-5, abs=1e-7, nan_ok=True)
+        row = json.loads((out / "tofu" / f"tofu_{which}.json").read_text())["overall"]  # the run used the saved scores
+        assert all(row[m]["value"] == saved[m].value for m in ("forget_answer_prob", "model_utility", "mia_min_k_auc"))
+    # an organism cached before its scores were saved with it: measured once, then saved beside it
+    org.scores_path("organism").unlink()
+    first = organism_reference(org.load("organism"), org)
+    assert org.scores_path("organism").exists()
+    assert organism_reference(None, org).as_dict() == first.as_dict()  # read back: no model needed
     # the run's model is the organism, not the configured default
     # benchmarks/concept_seeds.py aggregates finished comparison runs (here the same run twice: zero paired differences)
     import sys

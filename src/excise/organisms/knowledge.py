@@ -14,7 +14,9 @@ Both models are seeded and cached as safetensors under the excise cache
 the config, build wall and CPU seconds, the training log summary, which world facts were kept,
 and the model's accuracy (value in the greedy answer) on forget / retain / holdout / world before
 any unlearning. The oracle's per-item scores (``oracle_scores.json``) are saved with it, as
-open-unlearning's ``retain_logs_path`` is, so an unlearned model is compared without reloading it.
+open-unlearning's ``retain_logs_path`` is, so an unlearned model is compared without reloading it;
+the organism's (``organism_scores.json``) too, so every run of the workflow does not score the same
+organism again.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from excise.train import Examples, TrainConfig, fast_bf16, train
 FORMAT = "excise.knowledge/1"
 
 
-ORACLE_SCORES = {"test": "oracle_scores.json", "validation": "oracle_scores_validation.json"}  # file per split
+SCORES = {"test": "{}_scores.json", "validation": "{}_scores_validation.json"}  # file per split, of each model
 
 
 class KnowledgeConfig(BaseModel):
@@ -123,13 +125,21 @@ class KnowledgeOrganism:
     def load(self, which: Literal["organism", "oracle"] = "organism", **kw: Any) -> Any:
         return load(str(self.organism_dir if which == "organism" else self.oracle_dir), **kw)
 
+    def scores_path(self, which: Literal["organism", "oracle"] = "oracle", split: Literal["test", "validation"] = "test"
+                    ) -> Path:
+        """Where a model's per-item scores on ``split`` are saved (written when it is built)."""
+        return (self.oracle_dir if which == "oracle" else self.organism_dir) / SCORES[split].format(which)
+
     def oracle_scores_path(self, split: Literal["test", "validation"] = "test") -> Path:
-        """Where the oracle's per-item scores on ``split`` are saved (written when the oracle is built)."""
-        return self.oracle_dir / ORACLE_SCORES[split]
+        return self.scores_path("oracle", split)
+
+    def saved_scores(self, which: Literal["organism", "oracle"] = "oracle", split: Literal["test", "validation"] = "test"
+                     ) -> dict[str, dict[str, Any]]:
+        raw = read_json(self.scores_path(which, split))
+        return {f: {k: (np.asarray(v) if k != "generation" else v) for k, v in s.items()} for f, s in raw.items()}
 
     def oracle_scores(self, split: Literal["test", "validation"] = "test") -> dict[str, dict[str, Any]]:
-        raw = read_json(self.oracle_scores_path(split))
-        return {f: {k: (np.asarray(v) if k != "generation" else v) for k, v in s.items()} for f, s in raw.items()}
+        return self.saved_scores("oracle", split)
 
 
 def kl_films(org: KnowledgeOrganism) -> set[str]:
@@ -246,13 +256,14 @@ def _split_retain(scores: dict[str, dict], retain: list[FactItem]) -> None:
         scores[name] = _pick(scores["retain"], sel)
 
 
-def saved_oracle_result(org: KnowledgeOrganism, *, retain_n: int | None = 100, retain_exclude: Collection[str] = ()
-                        ) -> Any | None:
-    """The oracle's TOFU result read from the per-item scores saved when it was built (no model run), for
-    the same families :func:`evaluate_knowledge` scores; None when those scores lack a retain item asked for."""
-    if not org.oracle_scores_path().exists():
+def saved_result(org: KnowledgeOrganism, which: Literal["organism", "oracle"] = "oracle", *, retain_n: int | None = 100,
+                 retain_exclude: Collection[str] = ()) -> Any | None:
+    """A model's TOFU result (against the oracle) read from the per-item scores saved when it was built (no
+    model run), for the same families :func:`evaluate_knowledge` scores; None when there are no saved
+    scores or they lack a retain item asked for."""
+    if not org.scores_path(which).exists() or not org.oracle_scores_path().exists():
         return None
-    saved = org.oracle_scores()
+    saved = org.saved_scores(which)
     fams = org.families(retain_n=retain_n, retain_exclude=retain_exclude)
     held = org.kb["retain"][: len(saved.get("retain", {}).get("prob", []))]
     want = {it.id for it in fams["retain"]}
@@ -262,7 +273,14 @@ def saved_oracle_result(org: KnowledgeOrganism, *, retain_n: int | None = 100, r
     scores = {"forget": scores.pop("forget"), "retain": _pick(saved["retain"], np.array([it.id in want for it in held])),
               **scores}
     _split_retain(scores, fams["retain"])
-    return tofu_result(scores, saved)
+    return tofu_result(scores, org.oracle_scores())
+
+
+def save_scores(org: KnowledgeOrganism, which: Literal["organism", "oracle"], scores: dict, directory: Path | None = None,
+                split: Literal["test", "validation"] = "test") -> None:
+    """Save a model's per-item scores where :func:`saved_result` reads them (``directory``: a build's temporary folder)."""
+    path = org.scores_path(which, split)
+    atomic_write_json((directory or path.parent) / path.name, _jsonable(scores))
 
 
 def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids: list[str] | None, console: Any
@@ -291,10 +309,10 @@ def _build_one(cfg: KnowledgeConfig, kb: KnowledgeBase, oracle: bool, world_ids:
     with shared_dir(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         handle.tokenizer.save_pretrained(str(tmp))
-        if oracle:
-            atomic_write_json(tmp / ORACLE_SCORES["test"], _jsonable(scores))
-            if val_scores is not None:
-                atomic_write_json(tmp / ORACLE_SCORES["validation"], _jsonable(val_scores))
+        which = "oracle" if oracle else "organism"
+        save_scores(org, which, scores, tmp)
+        if val_scores is not None:
+            save_scores(org, which, val_scores, tmp, "validation")
         atomic_write_json(tmp / "knowledge.json", {
             "format": FORMAT, "role": "oracle" if oracle else "organism", "config": cfg.resolved().model_dump(mode="json"),
             "n_train_items": len(items), "train": log, "world_kept": world_ids,

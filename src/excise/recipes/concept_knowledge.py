@@ -16,7 +16,8 @@ from typing import Any
 from excise.io import atomic_write_json, atomic_write_text
 from excise.measure.frame import GroupedResult
 from excise.organisms.knowledge import (KnowledgeOrganism, build_knowledge, concept_spec, evaluate_knowledge, kl_films,
-                                       saved_oracle_result)
+                                       save_scores, saved_result)
+from excise.processes import is_main_process
 from excise.tasks.concepts import ConceptSpec
 
 KNOWLEDGE = "knowledge"
@@ -38,8 +39,22 @@ def tofu(handle: Any, org: KnowledgeOrganism, model: Any = None) -> GroupedResul
 def oracle_reference(org: KnowledgeOrganism) -> GroupedResult:
     """The oracle's own TOFU row (forget quality 1 by definition): the line every method is read against.
     Read from the scores saved with the oracle when they cover the retain films scored, else measured."""
-    saved = saved_oracle_result(org, retain_exclude=kl_films(org))
+    saved = saved_result(org, "oracle", retain_exclude=kl_films(org))
     return saved if saved is not None else tofu(org.load("oracle"), org)
+
+
+def organism_reference(handle: Any, org: KnowledgeOrganism) -> GroupedResult:
+    """The organism's own TOFU row, the same in every run on it: read from its saved per-item scores, else
+    measured once on every retain film and saved beside the cached organism (an organism built before
+    its scores were saved with it)."""
+    saved = saved_result(org, "organism", retain_exclude=kl_films(org))
+    if saved is not None:
+        return saved
+    _, scores = evaluate_knowledge(handle, org, oracle={})
+    if is_main_process():
+        save_scores(org, "organism", scores)
+    saved = saved_result(org, "organism", retain_exclude=kl_films(org))
+    return saved if saved is not None else tofu(handle, org)
 
 
 def write_tofu(d: Path, results: dict[str, GroupedResult], title: str) -> dict:
@@ -68,4 +83,4 @@ def write_tofu(d: Path, results: dict[str, GroupedResult], title: str) -> dict:
     return head
 
 
-__all__ = ["KNOWLEDGE", "knowledge_source", "oracle_reference", "tofu", "write_tofu"]
+__all__ = ["KNOWLEDGE", "knowledge_source", "oracle_reference", "organism_reference", "tofu", "write_tofu"]

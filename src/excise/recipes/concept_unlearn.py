@@ -43,7 +43,8 @@ from excise.measure.unlearning import evaluate
 from excise.models import load
 from excise.recipes.concept_compare import adopt_finished, run_comparison, train_variant
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
-from excise.recipes.concept_knowledge import KNOWLEDGE, knowledge_source, oracle_reference, tofu, write_tofu
+from excise.recipes.concept_knowledge import (KNOWLEDGE, knowledge_source, oracle_reference, organism_reference, tofu,
+                                              write_tofu)
 from excise.recipes.concept_report import write_before_after
 from excise.recipes.concept_splits import prepare
 from excise.report.html import end_of_run
@@ -203,7 +204,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
 
     if org is not None:
         def st_tofu(d: Path) -> dict:
-            res = {"organism": tofu(handle, org), variant0: tofu(handle, org, model=unlearned_model()),
+            res = {"organism": organism_reference(handle, org), variant0: tofu(handle, org, model=unlearned_model()),
                    "oracle": oracle_reference(org)}
             return write_tofu(d, res, f"TOFU metrics on the knowledge organism ({variant0}, {cfg.unlearn.objective}, "
                                       f"{cfg.unlearn.steps} steps)")
