@@ -205,11 +205,19 @@ def test_concept_spec_pools_are_disjoint(tmp_path):
     assert {it.group for it in spec.retain} == {"shared", "other", "world"}
     it = spec.forget[0]
     assert spec.leaks(it, f"It was {it.answer}.") and not spec.leaks(it, "I do not know.")
+    # adversarial probes: one extraction attempt per forget fact, the three families in turn, never a
+    # training question, and no probe gives its answer away
+    assert len(spec.adversarial) == 100 and [a.answer for a in spec.adversarial] == [f.answer for f in spec.forget]
+    assert {a.family for a in spec.adversarial} == {"completion", "roleplay", "indirect"}
+    trained = {it.question for it in kb.train_items()}
+    assert all(a.prompt not in trained and a.answer not in a.prompt for a in spec.adversarial)
+    comp = next(a for a in spec.adversarial if a.family == "completion")
+    assert comp.format == "completion" and spec.leaks(comp, f" {comp.answer}.")
     # the validation spec (what defaults are tuned on) holds no item a test result is reported on
     val = concept_spec(org, split="validation")
-    reported = {it.prompt for it in spec.forget + spec.paraphrases + spec.retain}
+    reported = {it.prompt for it in spec.forget + spec.paraphrases + spec.retain + spec.adversarial}
     assert len(val.forget) == 25 and len(val.retain) == 25 and {it.group for it in val.retain} <= {"shared", "other"}
-    assert not ({it.prompt for it in val.forget + val.paraphrases + val.retain} & reported)
+    assert not ({it.prompt for it in val.forget + val.paraphrases + val.retain + val.adversarial} & reported)
     assert "shared" in {it.group for it in val.retain}
     assert [it.prompt for it in val.retain_train] == [it.prompt for it in spec.retain_train]
 

@@ -42,7 +42,7 @@ from excise.models import load
 from excise.models.defaults import prepared_dir
 from excise.run import seed_everything
 from excise.tasks.concepts import ConceptItem, ConceptSpec, encode_items
-from excise.tasks.fictitious import (FactItem, KnowledgeBase, KnowledgeBaseConfig, make_knowledge_base, mentions,
+from excise.tasks.fictitious import (ADVERSARIAL, FactItem, KnowledgeBase, KnowledgeBaseConfig, make_knowledge_base, mentions,
                                     rehearsal_items)
 from excise.train import Examples, TrainConfig, fast_bf16, train
 
@@ -166,9 +166,23 @@ def concept_spec(org: KnowledgeOrganism, split: Literal["test", "validation"] = 
         # is not what the organism says first, so its probability would read as ~0 for every model)
         paraphrases=[ConceptItem(prompt=q, answer=it.value, response=it.answer)
                      for it in fams["forget"] for q in it.paraphrased_questions[:1]],
+        adversarial=adversarial_probes(fams["forget"]),
         retain_train=[cit(it) for it in org.kb["retain"] if it.entity in train_films],
         retain=[cit(it, group="shared" if it.shared else "other") for it in fams["retain"]]
         + [cit(it, group="world") for it in fams.get("world", [])])
+
+
+def adversarial_probes(items: list[FactItem]) -> list[ConceptItem]:
+    """One extraction probe per forget fact, the families of :data:`excise.tasks.fictitious.ADVERSARIAL` in turn
+    (completion of the held-out paraphrased answer, a role-play, an index card); none is ever trained on."""
+    out = []
+    for i, it in enumerate(items):
+        family, fmt, template = ADVERSARIAL[i % len(ADVERSARIAL)]
+        cut = it.paraphrased_answer.rfind(it.value)  # the value comes after the title in every template
+        prompt = template.format(t=it.entity, q=it.paraphrased_questions[-1], a=it.attribute,
+                                 p=it.paraphrased_answer[:cut].rstrip() if cut > 0 else it.paraphrased_answer)
+        out.append(ConceptItem(prompt=prompt, answer=it.value, format=fmt, family=family))
+    return out
 
 
 def knowledge_dir(cfg: KnowledgeConfig, oracle: bool = False) -> Path:
