@@ -51,6 +51,14 @@ def parse_variant(name: str) -> tuple[str, str | None]:
     return method, (objective or None)
 
 
+def localizers(cfg: Any) -> list[str]:
+    """The localizers a run needs: its own, then those of its ``masked_saliency`` / ``masked_fisher`` variants
+    (with any objective) when it compares."""
+    named = [parse_variant(v)[0] for v in cfg.comparison.variants] if cfg.compare else []
+    return list(dict.fromkeys([cfg.localize.method] + [m.split("_", 1)[1] for m in named
+                                                       if m in ("masked_saliency", "masked_fisher")]))
+
+
 def train_variant(handle: Any, base_model: Any, spec: Any, cfg: Any, variant: str, mask_for: Callable[[str], Mask],
                   *, checkpoint_dir: Path | None = None, adapter_dir: Path | None = None,
                   log_path: Path | None = None) -> tuple[Any, dict]:
@@ -156,10 +164,9 @@ def run_comparison(d: Path, *, cfg: Any, handle: Any, base_model: Any, spec: Any
         return {"info": info, "metrics": ev["metrics"], "tofu": res}
 
     # localization, measured: ablating each localizer's units vs random units of equal count, on held-out items
-    localizers = list(dict.fromkeys([cfg.localize.method] + [v.split("@")[0].split("_", 1)[1] for v in cfg.comparison.variants
-                                                             if v.split("@")[0] in ("masked_saliency", "masked_fisher")]))
-    loc = points.cached(f"localization-{'+'.join(localizers)}", lambda: mask_ablation.score_masks(
-        handle, {m: mask_for(m) for m in localizers}, {"forget_heldout": spec.forget_eval, "retain": unscreened},
+    used = localizers(cfg)
+    loc = points.cached(f"localization-{'+'.join(used)}", lambda: mask_ablation.score_masks(
+        handle, {m: mask_for(m) for m in used}, {"forget_heldout": spec.forget_eval, "retain": unscreened},
         seed=cfg.seed))
     atomic_write_json(d / "localization.json", loc)
     atomic_write_text(d / "localization.md", "# Do the localized units matter? (ablated on held-out items)\n\n"
@@ -216,4 +223,4 @@ def run_comparison(d: Path, *, cfg: Any, handle: Any, base_model: Any, spec: Any
             for v, s in summary.items()}
 
 
-__all__ = ["adopt_finished", "parse_variant", "run_comparison", "train_variant"]
+__all__ = ["adopt_finished", "localizers", "parse_variant", "run_comparison", "train_variant"]

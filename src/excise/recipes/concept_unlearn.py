@@ -41,7 +41,7 @@ from excise.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
 from excise.locate.saliency import score_units
 from excise.measure.unlearning import evaluate
 from excise.models import load
-from excise.recipes.concept_compare import adopt_finished, run_comparison, train_variant
+from excise.recipes.concept_compare import adopt_finished, localizers, run_comparison, train_variant
 from excise.recipes.concept_config import ConceptUnlearnConfig, quick_variant
 from excise.recipes.concept_knowledge import (KNOWLEDGE, knowledge_source, oracle_reference, organism_reference, tofu,
                                               write_tofu)
@@ -132,11 +132,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     # --- localize -------------------------------------------------------------------------
     def st_localize(d: Path) -> dict:
         info = {}
-        methods = [cfg.localize.method]
-        if cfg.compare:
-            methods = list(dict.fromkeys(methods + [m.split("@")[0].split("_", 1)[1] for m in cfg.comparison.variants
-                                                    if m.split("@")[0] in ("masked_saliency", "masked_fisher")]))
-        for method in methods:
+        for method in localizers(cfg):
             t0 = time.time()
             sc = score_units(handle, spec.forget, spec.retain_train, cfg.localize.model_copy(update={"method": method}))
             for kind, s in sc.items():
