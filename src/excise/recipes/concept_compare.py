@@ -34,6 +34,7 @@ from excise.locate import mask_ablation
 from excise.locate.saliency import random_mask_like
 from excise.measure.frame import GroupedResult
 from excise.measure.unlearning import evaluate, generate
+from excise.recipes.concept_config import parse_variant  # names checked where the settings are validated
 from excise.recipes.concept_knowledge import tofu, write_tofu
 from excise.recipes.concept_report import write_comparison
 from excise.recipes.concept_splits import relearn_sets
@@ -41,14 +42,6 @@ from excise.resume import Points, link_tree
 from excise.run import seed_everything
 from excise.select import Mask
 from excise.tasks.concepts import encode_items
-
-
-
-def parse_variant(name: str) -> tuple[str, str | None]:
-    """``"plain_lora@idk"`` -> ``("plain_lora", "idk")``; ``"full_ft"`` -> ``("full_ft", None)`` (names are
-    checked where the settings are validated, :class:`~excise.recipes.concept_config.CompareConfig`)."""
-    method, _, objective = name.partition("@")
-    return method, (objective or None)
 
 
 def localizers(cfg: Any) -> list[str]:
@@ -223,4 +216,4 @@ def run_comparison(d: Path, *, cfg: Any, handle: Any, base_model: Any, spec: Any
             for v, s in summary.items()}
 
 
-__all__ = ["adopt_finished", "localizers", "parse_variant", "run_comparison", "train_variant"]
+__all__ = ["adopt_finished", "localizers", "run_comparison", "train_variant"]

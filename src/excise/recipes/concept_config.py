@@ -6,7 +6,7 @@ without importing the training code.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -19,7 +19,13 @@ from excise.locate.saliency import SaliencyConfig
 from excise.select import SelectConfig
 
 VARIANTS = ("masked_saliency", "masked_fisher", "masked_random", "plain_lora", "full_ft")
-OBJECTIVES = ("grad_ascent", "idk", "npo")
+OBJECTIVES = get_args(UnlearnSettings.model_fields["objective"].annotation)  # grad_ascent, idk, npo
+
+
+def parse_variant(name: str) -> tuple[str, str | None]:
+    """``"plain_lora@idk"`` -> ``("plain_lora", "idk")``; ``"full_ft"`` -> ``("full_ft", None)``."""
+    method, _, objective = name.partition("@")
+    return method, (objective or None)
 
 
 class CompareConfig(BaseModel):
@@ -39,15 +45,14 @@ class CompareConfig(BaseModel):
         "direct", description="probe family whose leak rate tells that the concept came back: the held-out direct "
                               "probes or the paraphrases (neither is trained on)")
 
-
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, v: list[str]) -> list[str]:
         for name in v:
-            method, at, objective = name.partition("@")
+            method, objective = parse_variant(name)
             if method not in VARIANTS:
                 raise ValueError(f"unknown variant '{name}': the method must be one of {', '.join(VARIANTS)}")
-            if at and objective not in OBJECTIVES:
+            if "@" in name and objective not in OBJECTIVES:
                 raise ValueError(f"unknown variant '{name}': the objective after '@' must be one of {', '.join(OBJECTIVES)}")
         if len(set(v)) < len(v):
             raise ValueError(f"variants repeat: {', '.join(sorted({x for x in v if v.count(x) > 1}))}")

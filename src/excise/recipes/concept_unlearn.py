@@ -220,9 +220,9 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
     if cfg.compare:
         cmp_dir = run.stage_dir("compare")
         points = Points(run.checkpoint_dir("compare"))
+        now = json.loads(cfg.comparison.model_dump_json())
         if run.is_done("compare"):
             prev = read_json(cmp_dir / "comparison_settings.json")
-            now = json.loads(cfg.comparison.model_dump_json())
             if prev != now:
                 same_but_variants = {k: v for k, v in prev.items() if k != "variants"} == \
                     {k: v for k, v in now.items() if k != "variants"}
@@ -234,7 +234,7 @@ def run_concept(cfg: ConceptUnlearnConfig, out: str | Path, *, force: bool = Fal
                 shutil.rmtree(cmp_dir)
 
         def st_compare(d: Path) -> dict:
-            atomic_write_json(d / "comparison_settings.json", json.loads(cfg.comparison.model_dump_json()))
+            atomic_write_json(d / "comparison_settings.json", now)
             return run_comparison(d, cfg=cfg, handle=handle, base_model=base_model, spec=spec, org=org,
                                   unscreened=unscreened, before=before, variant0=variant0, after=after, info0=info0,
                                   unlearn_dir=un.dir, unlearned_model=unlearned_model, mask_for=mask_for, points=points,
